@@ -1,0 +1,42 @@
+# Developer entry points. Every target does its own set-up: a fresh machine
+# needs only Python 3.11, Go 1.26 and root (to install RabbitMQ from Debian).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: venv binaries env-up env-down test unit lint bench demo install run deploy
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test,demo]'
+	touch $@
+
+venv: $(INSTALLED)
+
+## binaries: build (or reuse cached) etcd, kube-apiserver and kube-controller-manager.
+binaries:
+	hack/build-control-plane.sh
+
+## env-up: start the local control plane and RabbitMQ; writes .local/kubeconfig and .local/env.
+env-up: venv
+	$(PY) -m openchecker_testenv up
+
+## env-down: stop everything env-up started.
+env-down: venv
+	$(PY) -m openchecker_testenv down
+
+## lint: ruff and mypy (strict).
+lint: venv
+	$(VENV)/bin/ruff check operator agent testenv tests bench
+	$(VENV)/bin/mypy
+
+## unit: tests that need no server.
+unit: venv
+	$(PY) -m pytest tests/unit
+
+## test: the whole suite; starts its own control plane and broker.
+test: venv lint
+	$(PY) -m pytest

@@ -1,0 +1,1 @@
+"""openchecker_testenv."""
