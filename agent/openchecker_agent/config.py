@@ -209,9 +209,7 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
     return parser
 
 
-def _collect_sections(
-    parser: configparser.ConfigParser, path: Path
-) -> dict[str, dict[str, str]]:
+def _collect_sections(parser: configparser.ConfigParser, path: Path) -> dict[str, dict[str, str]]:
     sections: dict[str, dict[str, str]] = {RABBITMQ_SECTION: {}, AGENT_SECTION: {}}
     for section in parser.sections():
         canonical = _canonical_section(section, path)
@@ -243,8 +241,7 @@ def _canonical_section(section: str, path: Path) -> str:
             )
         return COMMAND_SECTION_PREFIX + name
     raise ConfigError(
-        f"{path}: [{section}]: unknown section; "
-        "expected [RabbitMQ], [Agent] or [Command:NAME]"
+        f"{path}: [{section}]: unknown section; expected [RabbitMQ], [Agent] or [Command:NAME]"
     )
 
 
@@ -296,9 +293,7 @@ def _validate(
     try:
         return model.model_validate(values[section])
     except ValidationError as error:
-        raise ConfigError(
-            _describe_error(model, path, section, error, values, origins)
-        ) from None
+        raise ConfigError(_describe_error(model, path, section, error, values, origins)) from None
 
 
 def _describe_error(

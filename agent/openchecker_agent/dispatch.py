@@ -1,0 +1,225 @@
+"""Hand deliveries to a fixed pool of worker threads and hand results back.
+
+The connection's thread (the I/O thread) owns pika: only it may send acks.
+Workers run handlers and append finished deliveries to a completion queue.
+The I/O thread waits in one of two ways, and a worker wakes it the cheap way
+for each:
+
+- on the socket, inside `process_data_events`, while it expects more
+  deliveries: a worker wakes it with `add_callback_threadsafe`, at most once
+  until the I/O thread has run that callback (later results ride along);
+- on a condition variable, while every prefetch slot is taken and the broker
+  sends nothing but heartbeats: a worker wakes it with `notify`, which costs
+  far less than a write to pika's wake-up pipe plus a trip through its loop.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Outcome(enum.Enum):
+    """How a finished delivery is settled with the broker."""
+
+    ACK = "ack"
+    # basic.nack with requeue=False: the broker dead-letters the message.
+    REJECT = "reject"
+    # basic.nack with requeue=True: the message goes back to the queue.
+    REQUEUE = "requeue"
+
+
+class DeliveryState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    # Returned to the broker (requeued) at shutdown; a late result is dropped.
+    ABANDONED = "abandoned"
+
+
+@dataclass(eq=False)
+class Delivery:
+    """One message received on one channel, from its arrival to its ack or nack."""
+
+    channel: Any  # pika BlockingChannel; acks for it go on this channel only
+    delivery_tag: int
+    redelivered: bool
+    body: bytes
+    message_id: str | None = None
+    state: DeliveryState = DeliveryState.QUEUED
+    outcome: Outcome | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+
+class WorkerPool:
+    """A fixed number of worker threads that run `execute` on each delivery.
+
+    `wake_io` is called from a worker, outside the pool's lock, when the I/O
+    thread is waiting on the socket and must be woken to settle a result.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        execute: Callable[[Delivery], Outcome],
+        wake_io: Callable[[], None],
+    ) -> None:
+        self._execute = execute
+        self._wake_io = wake_io
+        self._lock = threading.Lock()
+        self._work_ready = threading.Condition(self._lock)
+        self._result_ready = threading.Condition(self._lock)
+        self._queued: deque[Delivery] = deque()
+        self._completed: deque[Delivery] = deque()
+        self._running: set[Delivery] = set()
+        self._io_waits_on_socket = False
+        self._wake_pending = False
+        self._closed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"agent-worker-{index}", daemon=True)
+            for index in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # Worker side.
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queued and not self._closed:
+                    self._work_ready.wait()
+                if not self._queued:
+                    return
+                delivery = self._queued.popleft()
+                if delivery.state is DeliveryState.ABANDONED:
+                    continue
+                delivery.state = DeliveryState.RUNNING
+                self._running.add(delivery)
+            outcome = self._execute(delivery)
+            self._finish(delivery, outcome)
+
+    def _finish(self, delivery: Delivery, outcome: Outcome) -> None:
+        wake = False
+        with self._lock:
+            self._running.discard(delivery)
+            self._result_ready.notify_all()
+            if delivery.state is DeliveryState.ABANDONED:
+                # Already requeued at shutdown: the broker owns the message again.
+                return
+            delivery.state = DeliveryState.DONE
+            delivery.outcome = outcome
+            self._completed.append(delivery)
+            if self._io_waits_on_socket and not self._wake_pending:
+                self._wake_pending = True
+                wake = True
+        if wake:
+            self._wake_io()
+
+    # I/O thread side.
+
+    def submit(self, delivery: Delivery) -> None:
+        """Queue a delivery for the next free worker."""
+        with self._lock:
+            self._queued.append(delivery)
+            self._work_ready.notify()
+
+    def take_completed(self) -> list[Delivery]:
+        """Remove and return the deliveries whose handler has finished."""
+        with self._lock:
+            if not self._completed:
+                return []
+            completed = list(self._completed)
+            self._completed.clear()
+            return completed
+
+    def begin_socket_wait(self) -> bool:
+        """Mark the I/O thread as about to block on the socket.
+
+        Returns False, without marking, when results are already waiting: the
+        caller settles them first instead of blocking.
+        """
+        with self._lock:
+            if self._completed:
+                return False
+            self._io_waits_on_socket = True
+            return True
+
+    def end_socket_wait(self) -> None:
+        with self._lock:
+            self._io_waits_on_socket = False
+
+    def on_woken(self) -> None:
+        """Record that the wake-up callback ran, so the next result schedules a new one."""
+        with self._lock:
+            self._wake_pending = False
+
+    def reset_wakeups(self) -> None:
+        """Forget a wake-up scheduled on a connection that no longer exists."""
+        with self._lock:
+            self._wake_pending = False
+            self._io_waits_on_socket = False
+
+    def wait_for_result(self, timeout_seconds: float) -> None:
+        """Block until a result is waiting or the timeout passes."""
+        with self._lock:
+            if not self._completed and not self._closed:
+                self._result_ready.wait(timeout_seconds)
+
+    def interrupt(self) -> None:
+        """Wake the I/O thread from `wait_for_result`, for example to stop."""
+        with self._lock:
+            self._result_ready.notify_all()
+
+    def abandon_queued(self) -> list[Delivery]:
+        """Mark the deliveries no worker has started as abandoned and return them."""
+        with self._lock:
+            abandoned = [d for d in self._queued if d.state is DeliveryState.QUEUED]
+            for delivery in abandoned:
+                delivery.state = DeliveryState.ABANDONED
+            self._queued.clear()
+            return abandoned
+
+    def abandon_running(self) -> list[Delivery]:
+        """Mark the deliveries still in a handler as abandoned and return them.
+
+        Their handlers keep running (a thread cannot be stopped), but their
+        results are dropped.
+        """
+        with self._lock:
+            abandoned = list(self._running)
+            for delivery in abandoned:
+                delivery.state = DeliveryState.ABANDONED
+            self._running.clear()
+            return abandoned
+
+    def busy_count(self) -> int:
+        """Return the number of deliveries queued or running."""
+        with self._lock:
+            return len(self._queued) + len(self._running)
+
+    def wait_idle(self, timeout_seconds: float) -> bool:
+        """Wait until no delivery is queued or running; return True if that happened."""
+        deadline = time.monotonic() + timeout_seconds
+        with self._lock:
+            while self._queued or self._running:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._result_ready.wait(remaining)
+            return True
+
+    def close(self) -> None:
+        """Let the workers exit once the queue is empty; running handlers finish on their own."""
+        with self._lock:
+            self._closed = True
+            self._work_ready.notify_all()
+            self._result_ready.notify_all()
