@@ -267,10 +267,14 @@ class Consumer:
                     connection.process_data_events(time_limit=wait_seconds)
                 finally:
                     self._pool.end_socket_wait()
+            self._settle_completed()
         else:
-            self._pool.wait_for_result(min(RESULT_WAIT_SECONDS, wait_seconds))
-            connection.process_data_events(time_limit=0)
-        self._settle_completed()
+            results = self._pool.wait_for_results(min(RESULT_WAIT_SECONDS, wait_seconds))
+            self._settle_batch(results)
+            if not results:
+                connection.process_data_events(time_limit=0)
+            # Otherwise the next pass serves the socket: at prefetch 1 the
+            # broker sends the next message only after this ack, so it goes first.
 
     def _drain(self, connection: pika.BlockingConnection) -> None:
         if self._consumer_tag is not None:
@@ -350,8 +354,43 @@ class Consumer:
         self._pool.on_woken()
 
     def _settle_completed(self) -> None:
-        for delivery in self._pool.take_completed():
-            self._settle(delivery, delivery.outcome or Outcome.REJECT)
+        self._settle_batch(self._pool.take_completed())
+
+    def _settle_batch(self, results: list[Delivery]) -> None:
+        """Settle finished deliveries, folding in-order acks into one `multiple` ack.
+
+        An ack with multiple=True for tag T acknowledges every unsettled
+        delivery up to T on the channel, so it is used only for tags below
+        the lowest delivery that is still queued, running or not acked.
+        """
+        acks: list[Delivery] = []
+        for delivery in results:
+            outcome = delivery.outcome or Outcome.REJECT
+            if outcome is Outcome.ACK and self._is_current(delivery):
+                acks.append(delivery)
+            else:
+                self._settle(delivery, outcome)
+        if len(acks) < 2:
+            for delivery in acks:
+                self._settle(delivery, Outcome.ACK)
+            return
+        acked_tags = {delivery.delivery_tag for delivery in acks}
+        lowest_open = min((tag for tag in self._unsettled if tag not in acked_tags), default=None)
+        folded = [d for d in acks if lowest_open is None or d.delivery_tag < lowest_open]
+        if len(folded) < 2:
+            folded = []
+        for delivery in acks:
+            if delivery not in folded:
+                self._settle(delivery, Outcome.ACK)
+        if folded:
+            highest = max(delivery.delivery_tag for delivery in folded)
+            for delivery in folded:
+                self._unsettled.pop(delivery.delivery_tag, None)
+            self._metrics.in_flight.dec(len(folded))
+            self._channel.basic_ack(delivery_tag=highest, multiple=True)
+
+    def _is_current(self, delivery: Delivery) -> bool:
+        return delivery.channel is self._channel and bool(delivery.channel.is_open)
 
     def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
         self._metrics.in_flight.dec()

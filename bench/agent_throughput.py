@@ -1,0 +1,292 @@
+"""Measure the agent consumer's throughput against a bare pika consumer.
+
+Both consume the same number of pre-published messages from a fresh queue
+with the same connection settings and prefetch count. The bare consumer acks
+inline in pika's callback; the agent hands each message to a worker thread
+and runs a no-op handler there. The script prints messages per second of
+each, their ratio (target: 0.9 at prefetch 1), and the resident memory of an
+idle `openchecker-agent` process.
+
+Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else a local
+node started with openchecker_testenv, the way the tests start theirs.
+Bounded: a fixed number of messages per round and a timeout per round.
+
+    python bench/agent_throughput.py [--messages 10000] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import pika
+from openchecker_agent.config import AgentSettings, load_settings
+from openchecker_agent.consumer import Consumer
+from openchecker_agent.handlers import HandlerContext
+from openchecker_agent.metrics import AgentMetrics
+
+ROUND_TIMEOUT_SECONDS = 120.0
+IDLE_SECONDS = 3.0
+TARGET_RATIO = 0.9
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=10_000, help="messages per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per consumer and prefetch")
+    arguments = parser.parse_args()
+    with _broker_url() as url:
+        ratios: dict[int, float] = {}
+        for prefetch in (1, 10):
+            bare, agent = _compare(url, prefetch, arguments.messages, arguments.rounds)
+            ratios[prefetch] = agent / bare
+            print(
+                f"prefetch {prefetch:>2}: bare pika {bare:8.0f} msg/s, "
+                f"agent {agent:8.0f} msg/s, ratio {agent / bare:.2f}",
+                flush=True,
+            )
+        print(f"ratio at prefetch 1: {ratios[1]:.2f} (target {TARGET_RATIO})", flush=True)
+        print(
+            f"thread hand-off round trip (pure Python, no broker): "
+            f"{_handoff_round_trip_microseconds():.1f} us",
+            flush=True,
+        )
+        rss_kib = _idle_agent_rss_kib(url)
+    print(f"idle agent RSS: {rss_kib / 1024:.1f} MiB")
+    return 0
+
+
+# Broker selection.
+
+
+@contextlib.contextmanager
+def _broker_url() -> Iterator[str]:
+    url = os.environ.get("RABBITMQ_URL")
+    if url:
+        yield url
+        return
+    with _testenv_broker_url() as started:
+        yield started
+
+
+@contextlib.contextmanager
+def _testenv_broker_url() -> Iterator[str]:
+    try:
+        from openchecker_testenv.layout import StateLayout
+        from openchecker_testenv.rabbitmq import LocalRabbitMQ
+    except ImportError as error:
+        raise SystemExit(
+            f"No broker: RABBITMQ_URL is not set and openchecker_testenv is not importable "
+            f"({error}). Set RABBITMQ_URL=amqp://user:password@host:port/vhost or run "
+            "`make env-up` and `source .local/env`."
+        ) from error
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as folder:
+        node = LocalRabbitMQ(StateLayout(Path(folder)))
+        broker = node.start()
+        try:
+            yield broker.amqp_url()
+        finally:
+            node.stop()
+
+
+# One comparison: bare and agent consumers, alternating, median of rounds.
+
+
+def _compare(url: str, prefetch: int, count: int, rounds: int) -> tuple[float, float]:
+    bare_rates: list[float] = []
+    agent_rates: list[float] = []
+    for _ in range(rounds):
+        bare_rates.append(_run_round(url, prefetch, count, _consume_bare))
+        agent_rates.append(_run_round(url, prefetch, count, _consume_with_agent))
+    return statistics.median(bare_rates), statistics.median(agent_rates)
+
+
+def _run_round(
+    url: str, prefetch: int, count: int, consume: Callable[[str, str, int, int], float]
+) -> float:
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue, durable=True)
+        body = json.dumps({"command_list": [], "task_metadata": {"bench": True}}).encode()
+        for _ in range(count):
+            channel.basic_publish("", queue, body)
+        # A passive declare returns only after the broker has taken every
+        # publish above, so the consumer starts with a full queue.
+        channel.queue_declare(queue, passive=True)
+        seconds = consume(url, queue, prefetch, count)
+        channel.queue_delete(queue)
+    finally:
+        connection.close()
+    return count / seconds
+
+
+def _consume_bare(url: str, queue: str, prefetch: int, count: int) -> float:
+    connection = pika.BlockingConnection(_parameters(url))
+    received = 0
+    try:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=prefetch)
+
+        def on_message(
+            channel: Any, method: Any, _properties: pika.BasicProperties, _body: bytes
+        ) -> None:
+            nonlocal received
+            channel.basic_ack(method.delivery_tag)
+            received += 1
+            if received == count:
+                channel.stop_consuming()
+
+        channel.basic_consume(queue, on_message)
+        started = time.perf_counter()
+        deadline = started + ROUND_TIMEOUT_SECONDS
+        while received < count and time.perf_counter() < deadline:
+            connection.process_data_events(time_limit=1.0)
+        elapsed = time.perf_counter() - started
+    finally:
+        connection.close()
+    if received < count:
+        raise SystemExit(f"bare consumer got {received} of {count} messages in time")
+    return elapsed
+
+
+def _consume_with_agent(url: str, queue: str, prefetch: int, count: int) -> float:
+    settings = _agent_settings(url, queue, prefetch)
+    done = threading.Event()
+    handled = 0
+    lock = threading.Lock()
+
+    def handle(_message: Mapping[str, Any], _context: HandlerContext) -> None:
+        nonlocal handled
+        with lock:
+            handled += 1
+            if handled == count:
+                done.set()
+
+    metrics = AgentMetrics()
+    consumer = Consumer(settings, handle, metrics)
+    thread = threading.Thread(target=consumer.run, name="bench-agent", daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    finished = done.wait(ROUND_TIMEOUT_SECONDS)
+    # Ends at the last handler call; its ack follows within one hand-off,
+    # which is noise next to thousands of messages.
+    elapsed = time.perf_counter() - started
+    consumer.request_stop()
+    thread.join(30)
+    if not finished:
+        raise SystemExit(f"agent handled {handled} of {count} messages in time")
+    return elapsed
+
+
+def _parameters(url: str) -> pika.ConnectionParameters:
+    # The same parameters the agent builds, so both sides differ only in the
+    # hand-off to worker threads.
+    return Consumer(
+        _agent_settings(url, "unused", 1), lambda _m, _c: None, AgentMetrics()
+    ).parameters
+
+
+def _agent_settings(url: str, queue: str, prefetch: int) -> AgentSettings:
+    parsed = urlparse(url)
+    vhost = unquote(parsed.path[1:]) if len(parsed.path) > 1 else "/"
+    config = (
+        "[RabbitMQ]\n"
+        f"host = {parsed.hostname}\nport = {parsed.port or 5672}\n"
+        f"username = {unquote(parsed.username or 'guest')}\n"
+        f"password = {unquote(parsed.password or 'guest')}\n"
+        f"vhost = {vhost}\nheartbeat_interval_s = 60\nconnection_name = agent-bench\n"
+        "[Agent]\n"
+        f"queue = {queue}\nprefetch_count = {prefetch}\nhealth_port = 0\n"
+    )
+    with tempfile.NamedTemporaryFile("w", suffix=".ini", delete=False) as stream:
+        stream.write(config)
+    try:
+        return load_settings(Path(stream.name), environ={})
+    finally:
+        os.unlink(stream.name)
+
+
+def _handoff_round_trip_microseconds(rounds: int = 20_000) -> float:
+    """Time a message going to another thread and back, as each delivery does.
+
+    This is the floor under the agent's extra cost per message at prefetch 1,
+    set by how fast the OS wakes a sleeping thread (slower across cores).
+    """
+    to_worker: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+    to_caller: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def echo() -> None:
+        while (item := to_worker.get()) is not None:
+            to_caller.put(item)
+
+    worker = threading.Thread(target=echo, daemon=True)
+    worker.start()
+    started = time.perf_counter()
+    for index in range(rounds):
+        to_worker.put(index)
+        to_caller.get()
+    elapsed = time.perf_counter() - started
+    to_worker.put(None)
+    worker.join()
+    return elapsed / rounds * 1e6
+
+
+# Idle memory of a real agent process.
+
+
+def _idle_agent_rss_kib(url: str) -> int:
+    queue = f"bench-idle-{uuid.uuid4().hex[:8]}"
+    settings = _agent_settings(url, queue, 1)
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.queue_declare(queue, durable=True)
+    with tempfile.TemporaryDirectory(prefix="agent-bench-") as folder:
+        config = Path(folder) / "config.ini"
+        config.write_text(_render(settings, "openchecker_agent.checks:handle_check_request"))
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "openchecker_agent", "--config", str(config)],
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            time.sleep(IDLE_SECONDS)
+            status = Path(f"/proc/{agent.pid}/status").read_text()
+        finally:
+            agent.terminate()
+            agent.wait(30)
+    channel.queue_delete(queue)
+    connection.close()
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise SystemExit("VmRSS not found in /proc/PID/status")
+
+
+def _render(settings: AgentSettings, handler: str) -> str:
+    rabbitmq = settings.rabbitmq
+    return (
+        "[RabbitMQ]\n"
+        f"host = {rabbitmq.host}\nport = {rabbitmq.port}\nusername = {rabbitmq.username}\n"
+        f"password = {rabbitmq.password.get_secret_value()}\nvhost = {rabbitmq.vhost}\n"
+        "[Agent]\n"
+        f"queue = {settings.agent.queue}\nhandler = {handler}\nhealth_port = 0\n"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
