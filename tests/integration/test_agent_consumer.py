@@ -1,0 +1,291 @@
+"""The agent as a real process against the real broker: acks, reconnects, drain, DLQ."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from openchecker_testenv.broker import Broker
+from support import wait_for
+from support_agent import (
+    AgentProcess,
+    close_connection,
+    connection_names,
+    declare_work_queue,
+    delete_queue,
+    free_port,
+    publish,
+    queue_counts,
+    queue_exists,
+    read_records,
+    start_agent,
+    take_messages,
+    write_agent_config,
+)
+
+pytestmark = pytest.mark.broker
+
+QUEUE = "checks"
+DLQ = f"{QUEUE}.dlq"
+
+
+@pytest.fixture
+def agents() -> Iterator[list[AgentProcess]]:
+    """Agents started by a test; any still running at its end is stopped."""
+    started: list[AgentProcess] = []
+    yield started
+    for agent in started:
+        if agent.process.poll() is None:
+            agent.process.kill()
+            agent.process.wait(10)
+
+
+def run_agent(
+    agents: list[AgentProcess],
+    tmp_path: Path,
+    broker: Broker,
+    vhost: str,
+    **options: object,
+) -> AgentProcess:
+    """Declare the queues, start an agent and wait until it consumes."""
+    declare_work_queue(broker, vhost, QUEUE)
+    config, name = write_agent_config(tmp_path, broker, vhost, QUEUE, **options)  # type: ignore[arg-type]
+    agent = start_agent(config, name)
+    agents.append(agent)
+    wait_for(
+        lambda: queue_counts(broker, vhost, QUEUE)[1] == 1 or agent.process.poll() is not None,
+        timeout_seconds=20,
+        message="the agent did not start consuming",
+    )
+    assert agent.process.poll() is None, f"the agent exited early; its log:\n{agent.log()}"
+    return agent
+
+
+def wait_for_record(
+    path: Path, event: str, count: int, agent: AgentProcess, timeout_seconds: float = 20
+) -> list[dict[str, object]]:
+    def enough() -> list[dict[str, object]] | None:
+        records = [record for record in read_records(path) if record["event"] == event]
+        return records if len(records) >= count else None
+
+    return wait_for(
+        enough,
+        timeout_seconds=timeout_seconds,
+        message=f"fewer than {count} '{event}' records; agent log:\n{agent.log()}",
+    )
+
+
+@pytest.mark.timeout(60)
+def test_long_task_survives_short_heartbeat(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost, heartbeat_interval_s=2)
+    publish(broker, vhost, QUEUE, {"id": 1, "sleep_seconds": 8, "record_file": str(records)})
+
+    wait_for_record(records, "end", 1, agent, timeout_seconds=30)
+    wait_for(
+        lambda: queue_counts(broker, vhost, QUEUE) == (0, 1),
+        timeout_seconds=10,
+        message="the message was not acked after the task ended",
+    )
+    assert agent.stop() == 0
+    assert queue_counts(broker, vhost, QUEUE) == (0, 0)
+    starts = [record for record in read_records(records) if record["event"] == "start"]
+    assert len(starts) == 1
+    assert starts[0]["redelivered"] is False
+    assert "Lost the broker connection" not in agent.log()
+
+
+@pytest.mark.timeout(90)
+def test_broker_closed_connection_redelivers_once(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost)
+    # The management API lists a new connection only after its next
+    # statistics update, a few seconds later, so it is looked up first.
+    names = wait_for(
+        lambda: connection_names(broker, agent.connection_name),
+        timeout_seconds=20,
+        message="the agent's connection is not listed by the management API",
+    )
+    publish(broker, vhost, QUEUE, {"id": 1, "sleep_seconds": 4, "record_file": str(records)})
+    wait_for_record(records, "start", 1, agent)
+
+    close_connection(broker, names[0])
+
+    wait_for_record(records, "end", 2, agent, timeout_seconds=40)
+    wait_for(
+        lambda: queue_counts(broker, vhost, QUEUE) == (0, 1),
+        timeout_seconds=15,
+        message=f"the redelivered message was not acked; agent log:\n{agent.log()}",
+    )
+    assert agent.stop() == 0
+    assert queue_counts(broker, vhost, QUEUE) == (0, 0)
+    starts = [record for record in read_records(records) if record["event"] == "start"]
+    assert [record["redelivered"] for record in starts] == [False, True]
+    log = agent.log()
+    assert "CONNECTION_FORCED" in log
+    assert "Dropped the ack of delivery tag 1" in log
+    assert "unknown delivery tag" not in log
+    assert "PRECONDITION_FAILED" not in log
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_lets_running_task_finish(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost, drain_timeout_s=30)
+    publish(broker, vhost, QUEUE, {"id": 1, "sleep_seconds": 3, "record_file": str(records)})
+    wait_for_record(records, "start", 1, agent)
+
+    agent.send_signal(signal.SIGTERM)
+
+    assert agent.wait() == 0
+    assert [record["event"] for record in read_records(records)] == ["start", "end"]
+    assert queue_counts(broker, vhost, QUEUE) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_past_drain_timeout_requeues(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost, drain_timeout_s=1)
+    publish(broker, vhost, QUEUE, {"id": 1, "sleep_seconds": 8, "record_file": str(records)})
+    wait_for_record(records, "start", 1, agent)
+
+    started = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+
+    assert agent.wait() == 0
+    assert time.monotonic() - started < 6
+    assert queue_counts(broker, vhost, QUEUE) == (1, 0)
+    assert "Requeued delivery tag 1" in agent.log()
+
+
+@pytest.mark.timeout(60)
+def test_failures_are_dead_lettered(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(
+        agents, tmp_path, broker, vhost, handler="support_agent_handlers:fail_when_asked"
+    )
+    publish(broker, vhost, QUEUE, {"id": 1, "fail": True, "record_file": str(records)})
+    publish(broker, vhost, QUEUE, b"this is not JSON {")
+    publish(broker, vhost, QUEUE, {"id": 3, "record_file": str(records)})
+
+    wait_for(
+        lambda: queue_counts(broker, vhost, DLQ)[0] == 2,
+        timeout_seconds=15,
+        message=f"the DLQ did not get both failures; agent log:\n{agent.log()}",
+    )
+    wait_for_record(records, "start", 2, agent)
+    assert queue_counts(broker, vhost, QUEUE) == (0, 1)
+    dead = take_messages(broker, vhost, DLQ)
+    reasons = [headers["x-death"][0]["reason"] for headers, _body in dead]
+    assert reasons == ["rejected", "rejected"]
+    assert dead[1][1] == b"this is not JSON {"
+    log = agent.log()
+    assert "Handler failed on delivery tag 1" in log
+    assert "Rejected delivery tag 2" in log
+    assert agent.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_consumes_again_after_queue_recreated(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost)
+
+    delete_queue(broker, vhost, QUEUE)
+    wait_for(
+        lambda: "The broker cancelled consumer" in agent.log(),
+        timeout_seconds=10,
+        message="the agent did not notice the consumer cancel",
+    )
+    time.sleep(2)  # the agent checks for the missing queue a few times meanwhile
+    assert not queue_exists(broker, vhost, QUEUE)
+    declare_work_queue(broker, vhost, QUEUE)
+
+    wait_for(
+        lambda: queue_counts(broker, vhost, QUEUE)[1] == 1,
+        timeout_seconds=30,
+        message=f"the consumer did not come back; agent log:\n{agent.log()}",
+    )
+    publish(broker, vhost, QUEUE, {"id": 1, "record_file": str(records)})
+    wait_for_record(records, "end", 1, agent)
+    assert agent.process.poll() is None
+    assert "was not found in vhost" in agent.log()
+    assert agent.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_prefetch_runs_tasks_concurrently(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost, prefetch_count=3)
+    for index in range(4):
+        publish(
+            broker, vhost, QUEUE, {"id": index, "sleep_seconds": 2, "record_file": str(records)}
+        )
+
+    wait_for_record(records, "end", 4, agent, timeout_seconds=30)
+    events = [record["event"] for record in read_records(records)]
+    # Three tasks start before any ends; the fourth waits for a free slot.
+    assert events[:3] == ["start", "start", "start"]
+    assert events.index("end") == 3
+    assert agent.stop() == 0
+    assert queue_counts(broker, vhost, QUEUE) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_health_endpoints_and_metrics(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    port = free_port()
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(
+        agents,
+        tmp_path,
+        broker,
+        vhost,
+        handler="support_agent_handlers:fail_when_asked",
+        health_port=port,
+    )
+    base = f"http://127.0.0.1:{port}"
+    publish(broker, vhost, QUEUE, {"id": 1, "record_file": str(records)})
+    publish(broker, vhost, QUEUE, {"id": 2, "fail": True, "record_file": str(records)})
+    wait_for(
+        lambda: queue_counts(broker, vhost, DLQ)[0] == 1,
+        timeout_seconds=15,
+        message="the failing message did not reach the DLQ",
+    )
+
+    assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+    assert requests.get(f"{base}/readyz", timeout=5).status_code == 200
+    metrics = requests.get(f"{base}/metrics", timeout=5).text
+    assert "openchecker_agent_messages_processed_total 1.0" in metrics
+    assert "openchecker_agent_messages_failed_total 1.0" in metrics
+    assert "openchecker_agent_messages_dead_lettered_total 1.0" in metrics
+    assert "openchecker_agent_messages_in_flight 0.0" in metrics
+    assert "openchecker_agent_processing_seconds_count 2.0" in metrics
+    assert broker.password not in metrics
+
+    delete_queue(broker, vhost, QUEUE)
+    wait_for(
+        lambda: requests.get(f"{base}/readyz", timeout=5).status_code == 503,
+        timeout_seconds=10,
+        message="/readyz stayed ready without a consumer",
+    )
+    assert requests.get(f"{base}/healthz", timeout=5).status_code == 200
+    assert agent.stop() == 0
