@@ -243,3 +243,33 @@ def test_password_never_in_errors(tmp_path: Path) -> None:
         load_settings(path, environ={})
 
     assert "s3cret" not in str(raised.value)
+
+
+def test_operator_rendered_config_parses(tmp_path: Path) -> None:
+    from openchecker_operator.agentconfig import (
+        AgentCommand,
+        AgentOptions,
+        BrokerConnection,
+        render_config_ini,
+    )
+
+    text = render_config_ini(
+        BrokerConnection(host="rabbitmq", port=5671, username="u", password="p;#%", tls=True),
+        AgentOptions(
+            queue="opencheck",
+            prefetch_count=2,
+            callback_allowed_hosts=("api.example.org",),
+            commands=(AgentCommand("clone", ("git", "clone", "{project_url}"), 60),),
+        ),
+        ca_path="/app/config/ca.crt",
+    )
+
+    settings = load_settings(write(tmp_path, text), environ={"POD_NAME": "agent-1"})
+
+    assert settings.rabbitmq.password.get_secret_value() == "p;#%"
+    assert settings.rabbitmq.tls is True
+    assert settings.rabbitmq.tls_ca_file == Path("/app/config/ca.crt")
+    assert settings.rabbitmq.connection_name == "agent-1"
+    assert settings.agent.prefetch_count == 2
+    assert settings.agent.callback_max_attempts == 5
+    assert settings.commands["clone"].argv == ("git", "clone", "{project_url}")
