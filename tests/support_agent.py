@@ -191,7 +191,7 @@ def queue_exists(broker: Broker, vhost: str, queue: str) -> bool:
         channel.queue_declare(queue, passive=True)
         return True
     except pika.exceptions.ChannelClosedByBroker as error:
-        # 404 NOT_FOUND is the answer "no such queue"; anything else is a failure.
+        # 404 NOT_FOUND means "no such queue". Any other code is a failure.
         if error.reply_code != 404:
             raise
         return False

@@ -1,6 +1,6 @@
 """The openchecker agent: a RabbitMQ consumer that runs check requests.
 
 `openchecker_agent.cli` runs the consumer, `openchecker_agent.publishing`
-publishes check requests, and `openchecker_agent.checks` holds the built-in
+publishes check requests, and `openchecker_agent.checks` contains the built-in
 handler.
 """

@@ -10,7 +10,7 @@ import pika.exceptions
 from .config import RabbitMQSettings
 
 # Bounds one TCP connect plus the AMQP handshake, so a broker that accepts
-# the socket but never answers is retried instead of hanging the agent.
+# the socket but never replies is retried instead of hanging the agent.
 SOCKET_TIMEOUT_SECONDS = 10.0
 # RabbitMQ's reply codes (AMQP 0-9-1 constants) that the agent treats apart.
 CONNECTION_FORCED = 320

@@ -15,7 +15,7 @@ from .errors import PermanentTaskError
 
 logger = logging.getLogger(__name__)
 
-# Answers that mean "try again later"; any other error status is final.
+# Statuses that mean "try again later". Any other error status is final.
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 # urllib3 sleeps backoff_factor * 2 ** (retry - 1) seconds between attempts
 # (0.5, 1, 2, 4, ... s), capped at its default of 120 s.
@@ -58,7 +58,7 @@ def post_results(
 
     Redirects are not followed, so the allowlist check of `url` holds for the
     host that receives the results. Raises CallbackError when every attempt
-    failed or the answer is another non-2xx status.
+    failed or the response has another non-2xx status.
     """
     host = urlsplit(url).hostname
     retry = Retry(

@@ -1,8 +1,8 @@
 """The built-in handler: run the configured commands of a check request and post results.
 
 A check request names commands from `[Command:NAME]` sections. Each command
-is an argv template; `{project_url}`, `{workdir}` and `{task_id}` are
-replaced inside single arguments, and the argv goes to the program without
+is an argv template in which `{project_url}`, `{workdir}` and `{task_id}`
+are replaced inside single arguments. The argv goes to the program without
 a shell, so a crafted `project_url` stays one argument.
 """
 

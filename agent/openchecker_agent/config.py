@@ -2,8 +2,8 @@
 
 The format is the one in docs/design.md, which the operator renders into the
 agent's Secret. Every key can be overridden by an environment variable
-`OPENCHECKER_<SECTION>_<KEY>` in upper case; for a `[Command:NAME]` section
-the section part is `COMMAND_<NAME>` with every character other than a
+`OPENCHECKER_<SECTION>_<KEY>` in upper case. For a `[Command:NAME]` section
+the section part is `COMMAND_<NAME>`, with every character other than a
 letter or digit replaced by `_`.
 
 Any problem raises ConfigError with one line that names the source (file or

@@ -4,10 +4,10 @@ Guarantees, in the words of AMQP 0-9-1:
 
 - manual acks with `basic_qos(prefetch_count=N)`; up to N handlers run at once;
 - an ack or nack goes only on the channel the message arrived on, and only
-  while that channel is still the open, current one; a result for a delivery
+  while that channel is still the open, current one. A result for a delivery
   of a closed channel is dropped, because the broker has already requeued
-  the message and a delivery tag of another channel would close this one
-  with PRECONDITION_FAILED "unknown delivery tag";
+  the message. A delivery tag of another channel would close this one with
+  PRECONDITION_FAILED "unknown delivery tag";
 - a handler exception or an undecodable body ends in `basic_nack(requeue=False)`,
   so the broker dead-letters the message;
 - a consumer cancelled by the broker (queue deleted, node failure) consumes
@@ -40,7 +40,7 @@ from .metrics import AgentMetrics
 
 logger = logging.getLogger(__name__)
 
-# Longest time the I/O thread blocks on the socket before it checks the stop
+# Maximum time the I/O thread blocks on the socket before it checks the stop
 # flag and its timers again; a stop request also wakes it at once.
 SOCKET_WAIT_SECONDS = 1.0
 # While every prefetch slot is taken, the I/O thread waits for a result on a
@@ -217,6 +217,10 @@ class Consumer:
             self._pump(connection, wait_seconds)
 
     def _check_channel(self) -> None:
+        # NOTE: RabbitMQ 3.10 has only the node-wide consumer_timeout (30 min
+        # by default); a task that keeps its delivery unacked longer gets the channel
+        # closed with PRECONDITION_FAILED, lands here, and is redelivered
+        # after the reconnect. Per-queue consumer timeouts need RabbitMQ 3.12.
         if self._channel is not None and self._channel.is_open:
             return
         # NOTE: BlockingChannel exposes the close reason only as a private
@@ -247,7 +251,7 @@ class Consumer:
         try:
             probe.queue_declare(queue=self._queue, passive=True)
         except pika.exceptions.ChannelClosedByBroker as error:
-            # The broker closed only the probe channel; its reply code says why.
+            # The broker closed only the probe channel, and its reply code gives the reason.
             if error.reply_code == NOT_FOUND:
                 return False
             if error.reply_code == ACCESS_REFUSED:

@@ -124,7 +124,7 @@ class WorkerPool:
                 return
             delivery.state = DeliveryState.DONE
             delivery.outcome = outcome
-            # Put under the lock, so begin_socket_wait either sees the result
+            # Put under the lock, so begin_socket_wait either finds the result
             # or has set the flag that makes this worker wake the I/O thread.
             self._results.put(delivery)
             wake = self._io_waits_on_socket and not self._wake_pending

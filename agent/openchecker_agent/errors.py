@@ -27,5 +27,5 @@ class PermanentTaskError(AgentError):
     """A task that can never succeed, whatever the number of attempts.
 
     Handlers raise it (or any other exception) to have the message
-    dead-lettered. It exists so that handlers can say why in one place.
+    dead-lettered. Its message states the reason in the agent's log.
     """

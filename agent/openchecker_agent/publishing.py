@@ -43,7 +43,7 @@ def publish_messages(
 
     Every publish waits for the broker's confirm. Raises PublishError when a
     message is returned as unroutable (the queue does not exist) or nacked,
-    after the messages before it were confirmed; pika's connection errors
+    after the messages before it were confirmed. pika's connection errors
     pass through.
     """
     connection = pika.BlockingConnection(parameters)

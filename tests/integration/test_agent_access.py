@@ -1,4 +1,4 @@
-"""Fatal broker answers stop the agent with exit code 3 instead of a reconnect loop."""
+"""Fatal broker errors stop the agent with exit code 3 instead of a reconnect loop."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from openchecker_agent.callbacks import CallbackError, post_results
 
 
 class ScriptedServer:
-    """Answers each POST with the next status of a script, then 204."""
+    """Responds to each POST with the next status of a script, then 204."""
 
     def __init__(self, statuses: list[int], headers: dict[str, str] | None = None) -> None:
         self.statuses = list(statuses)
