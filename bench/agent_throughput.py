@@ -7,8 +7,9 @@ and runs a no-op handler there. The script prints messages per second of
 each, their ratio (target: 0.9 at prefetch 1), and the resident memory of an
 idle `openchecker-agent` process.
 
-Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else a local
-node started with openchecker_testenv, the way the tests start theirs.
+Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else the
+broker the tests use: the `make env-up` one when it runs, or a private node
+started with openchecker_testenv.
 Bounded: a fixed number of messages per round and a timeout per round.
 
     python bench/agent_throughput.py [--messages 10000] [--rounds 3]
@@ -85,22 +86,22 @@ def _broker_url() -> Iterator[str]:
 
 @contextlib.contextmanager
 def _testenv_broker_url() -> Iterator[str]:
+    # The same source of a broker as the tests: the `make env-up` broker when
+    # it runs, else a private node that stops at the end.
     try:
-        from openchecker_testenv.layout import StateLayout
-        from openchecker_testenv.rabbitmq import LocalRabbitMQ
+        from openchecker_testenv.layout import StateLayout, default_state_dir
+        from openchecker_testenv.session import SessionEnvironment
     except ImportError as error:
         raise SystemExit(
             f"No broker: RABBITMQ_URL is not set and openchecker_testenv is not importable "
             f"({error}). Set RABBITMQ_URL=amqp://user:password@host:port/vhost or run "
             "`make env-up` and `source .local/env`."
         ) from error
-    with tempfile.TemporaryDirectory(prefix="agent-bench-") as folder:
-        node = LocalRabbitMQ(StateLayout(Path(folder)))
-        broker = node.start()
-        try:
-            yield broker.amqp_url()
-        finally:
-            node.stop()
+    environment = SessionEnvironment(StateLayout(default_state_dir()))
+    try:
+        yield environment.broker().amqp_url()
+    finally:
+        environment.close()
 
 
 # One comparison: bare and agent consumers, alternating, median of rounds.
