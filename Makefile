@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv binaries env-up env-down test unit lint bench demo install run deploy
+.PHONY: venv binaries env-up env-down test unit lint bench bench-env-up demo install run deploy
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +16,17 @@ $(INSTALLED): pyproject.toml
 
 venv: $(INSTALLED)
 
-## binaries: build (or reuse cached) etcd, kube-apiserver and kube-controller-manager.
-binaries:
-	hack/build-control-plane.sh
+## binaries: build (or reuse cached) etcd, kube-apiserver and kube-controller-manager;
+## uses $KUBEBUILDER_ASSETS instead when it is set.
+binaries: venv
+	$(PY) -m openchecker_testenv binaries
 
-## env-up: start the local control plane and RabbitMQ; writes .local/kubeconfig and .local/env.
+## env-up: start the local control plane and RabbitMQ, or keep them when already running;
+## writes .local/kubeconfig and .local/env (load it with `source .local/env`).
 env-up: venv
 	$(PY) -m openchecker_testenv up
 
-## env-down: stop everything env-up started.
+## env-down: stop everything env-up started (a broker from $RABBITMQ_URL keeps running).
 env-down: venv
 	$(PY) -m openchecker_testenv down
 
@@ -37,6 +39,13 @@ lint: venv
 unit: venv
 	$(PY) -m pytest tests/unit
 
-## test: the whole suite; starts its own control plane and broker.
+## test: the whole suite; reuses a running env-up environment, else starts its own servers.
 test: venv lint
 	$(PY) -m pytest
+
+## bench: every benchmark under bench/; each adds itself as a prerequisite.
+bench: bench-env-up
+
+## bench-env-up: warm start time of the control plane and the broker.
+bench-env-up: venv
+	$(PY) bench/env_up.py

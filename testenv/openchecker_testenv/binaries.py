@@ -43,7 +43,7 @@ class ControlPlaneBinaries:
         )
 
 
-def _holds_required_binaries(folder: Path) -> bool:
+def _contains_required_binaries(folder: Path) -> bool:
     return (folder / "etcd").is_file() and (folder / "kube-apiserver").is_file()
 
 
@@ -58,7 +58,7 @@ def resolve_binaries(build_log: Path | None = None) -> ControlPlaneBinaries:
     assets = os.environ.get(ASSETS_VARIABLE)
     if assets:
         folder = Path(assets).resolve()
-        if not _holds_required_binaries(folder):
+        if not _contains_required_binaries(folder):
             raise SetupError(
                 f"{ASSETS_VARIABLE}={assets} does not contain both etcd and kube-apiserver. "
                 f"Point it at a folder that has them, or unset it to build them with "
@@ -87,7 +87,7 @@ def build_binaries(build_log: Path | None = None) -> Path:
             "and kube-controller-manager."
         )
     script = root / BUILD_SCRIPT
-    logger.info("Running %s (the first run builds for several minutes).", script)
+    logger.info("Running %s, which builds what is not cached (minutes on a first run).", script)
     if build_log is not None:
         build_log.parent.mkdir(parents=True, exist_ok=True)
         with build_log.open("a") as output:
@@ -99,7 +99,7 @@ def build_binaries(build_log: Path | None = None) -> Path:
         raise SetupError(f"{script} failed with exit code {code}. Its last lines:\n{tail}{where}")
     lines = stdout.strip().splitlines()
     folder = Path(lines[-1]) if lines else None
-    if folder is None or not _holds_required_binaries(folder):
+    if folder is None or not _contains_required_binaries(folder):
         raise SetupError(
             f"{script} succeeded but its last line {lines[-1:]} is not a folder containing "
             "etcd and kube-apiserver."

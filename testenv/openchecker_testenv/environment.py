@@ -205,6 +205,11 @@ def _start_servers(
     if errors:
         local_control_plane.stop()
         local_broker.stop()
+        # LocalControlPlane wrote it when the API server became ready, so it
+        # would now point at a stopped server.
+        layout.kubeconfig.unlink(missing_ok=True)
+        for other_error in errors[1:]:
+            logger.error("The other server failed to start as well: %s", other_error)
         raise errors[0]
     return control_plane, broker
 

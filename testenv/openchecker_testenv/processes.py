@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 RECORD_SUFFIX = ".json"
+# How often wait_until_ready reads the logs of starting servers for a port
+# conflict.
+LOG_SCAN_INTERVAL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -119,11 +122,17 @@ class ProcessRecord:
     def find_tree(self) -> dict[int, int]:
         """Return pid -> start ticks of the group's members and their descendants.
 
-        Members started before the leader cannot belong to it, which guards
-        against a reused group id. Descendants are included because some
-        children (Erlang's port helpers) move to a process group of their own.
+        POSIX forbids reusing a pid while a process group with that id exists,
+        so when another process has the leader's pid, the group is gone. Members
+        started before the leader cannot belong to it either. Descendants are
+        included because some children (Erlang's port helpers) move to a
+        process group of their own.
         """
-        processes = [stat for stat in list_processes() if stat.start_ticks >= self.start_ticks]
+        stats = list_processes()
+        for stat in stats:
+            if stat.pid == self.pid and stat.start_ticks != self.start_ticks:
+                return {}
+        processes = [stat for stat in stats if stat.start_ticks >= self.start_ticks]
         tree = {stat.pid: stat.start_ticks for stat in processes if stat.group_id == self.pid}
         grew = True
         while grew:
@@ -138,21 +147,30 @@ class ProcessRecord:
 def stop_record(record: ProcessRecord, grace_seconds: float) -> None:
     """Stop every process of a record: SIGTERM, then SIGKILL after `grace_seconds`.
 
-    Raises SetupError when a process is still alive 5 seconds after SIGKILL.
+    A grace period of 0 sends SIGKILL at once, for servers whose data is
+    thrown away. Raises SetupError when a process is still alive 5 seconds
+    after SIGKILL.
     """
     tree = record.find_tree()
     if not tree:
         return
-    logger.info("Stopping %s (pid %d).", record.name, record.pid)
-    _signal_all(tree, signal.SIGTERM)
-    alive = _wait_for_exit(tree, grace_seconds)
+    if grace_seconds <= 0:
+        logger.info("Killing %s (pid %d).", record.name, record.pid)
+        alive = tree
+    else:
+        logger.info("Stopping %s (pid %d).", record.name, record.pid)
+        # Only the leader gets SIGTERM, as a service manager would send it:
+        # wrapper scripts pass it on, and servers stop their own helpers.
+        _signal_all({record.pid: record.start_ticks}, signal.SIGTERM)
+        alive = _wait_for_exit(tree, grace_seconds)
+        if alive:
+            logger.warning(
+                "%s (pid %d) did not stop within %.0f s of SIGTERM; sending SIGKILL.",
+                record.name,
+                record.pid,
+                grace_seconds,
+            )
     if alive:
-        logger.warning(
-            "%s (pid %d) did not stop within %.0f s of SIGTERM; sending SIGKILL.",
-            record.name,
-            record.pid,
-            grace_seconds,
-        )
         _signal_all(alive, signal.SIGKILL)
         alive = _wait_for_exit(alive, 5.0)
     if alive:
@@ -307,10 +325,14 @@ class ManagedProcess:
         """Return the exit code, or None while the process runs."""
         return self._require_popen().poll()
 
-    def stop(self) -> None:
-        """Stop the process group and delete the record; a no-op when not started."""
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop the process group and delete the record; a no-op when not started.
+
+        `grace_seconds` overrides the grace period between SIGTERM and SIGKILL.
+        """
         if self._record is not None:
-            stop_record(self._record, self.stop_grace_seconds)
+            grace = self.stop_grace_seconds if grace_seconds is None else grace_seconds
+            stop_record(self._record, grace)
         if self._popen is not None:
             # Reap the direct child so that no zombie remains in this process.
             self._popen.wait(timeout=5)
@@ -358,11 +380,19 @@ def wait_until_ready(
     """
     started = time.monotonic()
     deadline = started + timeout_seconds
+    next_log_scan = started + LOG_SCAN_INTERVAL_SECONDS
     while True:
         for process in processes:
             process.check_running(extra_logs)
         if check():
             return time.monotonic() - started
+        if time.monotonic() >= next_log_scan:
+            next_log_scan += LOG_SCAN_INTERVAL_SECONDS
+            # RabbitMQ keeps running for seconds after a listener failed to
+            # bind, so the log shows the conflict long before the exit.
+            logs = "\n".join(process.format_logs(extra_logs) for process in processes)
+            if is_address_in_use(logs):
+                raise PortInUseError(f"{description} failed to bind a port.\n{logs}")
         if time.monotonic() >= deadline:
             logs = "\n".join(process.format_logs(extra_logs) for process in processes)
             message = f"{description} was not ready after {timeout_seconds:.0f} s.\n{logs}"

@@ -38,7 +38,7 @@ DEFAULT_PASSWORD = "guest"
 PORT_ATTEMPTS = 3
 # The node boots in about 5 s on a 2-core machine; this bounds a slow boot.
 READY_TIMEOUT_SECONDS = 90.0
-# A clean stop takes about 5 s. The data is deleted at the next start anyway,
+# A clean stop takes about 6 s. The data is deleted at the next start anyway,
 # so a slower stop is cut short with SIGKILL.
 STOP_GRACE_SECONDS = 10.0
 
@@ -128,7 +128,7 @@ class LocalRabbitMQ:
                     broker = self._start_once()
                     break
                 except PortInUseError as error:
-                    self.stop()
+                    self.stop(grace_seconds=0)
                     if attempt == PORT_ATTEMPTS:
                         raise SetupError(
                             f"RabbitMQ failed to bind a free port {PORT_ATTEMPTS} times in a "
@@ -142,7 +142,8 @@ class LocalRabbitMQ:
                         PORT_ATTEMPTS,
                     )
         except BaseException:
-            self.stop()
+            # A node that failed to start has nothing worth a clean shutdown.
+            self.stop(grace_seconds=0)
             raise
         logger.info(
             "RabbitMQ node %s ready at %s after %.1f s.",
@@ -152,26 +153,23 @@ class LocalRabbitMQ:
         )
         return broker
 
-    def stop(self) -> None:
-        """Stop the node, then epmd; safe to call more than once."""
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop the node, then epmd; safe to call more than once.
+
+        `grace_seconds` overrides the grace period between SIGTERM and SIGKILL.
+        """
         errors = []
         while self.processes:
             process = self.processes.pop()
             try:
-                process.stop()
+                process.stop(grace_seconds)
             except SetupError as error:
                 errors.append(str(error))
         if errors:
             raise SetupError("\n".join(errors))
 
     def _prepare_folders(self) -> None:
-        # A fresh database at every start: nothing from a crashed run or an
-        # earlier session changes what tests see.
-        shutil.rmtree(self.folder / "data", ignore_errors=True)
-        shutil.rmtree(self.folder / "log", ignore_errors=True)
-        (self.folder / "erl_crash.dump").unlink(missing_ok=True)
-        for name in ("data", "log", "home"):
-            (self.folder / name).mkdir(parents=True, exist_ok=True)
+        (self.folder / "home").mkdir(parents=True, exist_ok=True)
         # Replaces /etc/rabbitmq/rabbitmq-env.conf, which belongs to the
         # system-wide node.
         (self.folder / "rabbitmq-env.conf").write_text("")
@@ -182,7 +180,17 @@ class LocalRabbitMQ:
                 self._environment(amqp_port=0, dist_port=0, epmd_port=0),
             )
 
+    def _reset_node_folders(self) -> None:
+        # A fresh database at every start, so nothing from a crashed run or an
+        # earlier session changes what tests see. A fresh log, so a failed
+        # attempt's errors are not read as this attempt's.
+        for name in ("data", "log"):
+            shutil.rmtree(self.folder / name, ignore_errors=True)
+            (self.folder / name).mkdir(parents=True)
+        (self.folder / "erl_crash.dump").unlink(missing_ok=True)
+
     def _start_once(self) -> Broker:
+        self._reset_node_folders()
         amqp_port, management_port, dist_port, epmd_port = reserve_free_ports(4)
         self._write_config(amqp_port, management_port)
         environment = self._environment(amqp_port, dist_port, epmd_port)
