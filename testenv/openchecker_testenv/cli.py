@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 from . import environment
 from .binaries import resolve_binaries
@@ -40,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signal_number: int, frame: FrameType | None) -> None:
+    # SystemExit unwinds like Ctrl-C, so a half-finished `up` stops what it
+    # started instead of leaving it to the next run's cleanup.
+    logger.error("Received SIGTERM; exiting.")
+    raise SystemExit(128 + signal_number)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     arguments = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if arguments.verbose else logging.INFO,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ from .environment import EnvironmentState, broker_from_environment, check_extern
 from .environment import find_running as find_running_environment
 from .errors import SetupError
 from .layout import StateLayout
+from .processes import ProcessRecord, read_process_stat, stop_recorded_processes
 from .rabbitmq import LocalRabbitMQ, ensure_rabbitmq_installed
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ T = TypeVar("T")
 BACKEND_VARIABLE = "OPENCHECKER_TESTENV_BACKEND"
 LOCAL = "local"
 DOCKER = "docker"
+
+# Private state folders are temporary folders with this prefix, containing an
+# `owner.json` record of the process that created them.
+PRIVATE_FOLDER_PREFIX = "openchecker-testenv-"
+OWNER_NAME = "owner"
 
 START_HINT = (
     "To share one environment between test runs, start it with `make env-up` "
@@ -70,8 +77,44 @@ def choose_backend() -> str:
     return LOCAL
 
 
+def create_private_folder() -> Path:
+    """Create a temporary state folder owned by this process.
+
+    First stops the servers of sessions whose process died without cleaning
+    up, for example when pytest was killed.
+    """
+    sweep_abandoned_private_folders(Path(tempfile.gettempdir()))
+    folder = Path(tempfile.mkdtemp(prefix=PRIVATE_FOLDER_PREFIX))
+    stat = read_process_stat(os.getpid())
+    # This process is running, so /proc has its entry.
+    assert stat is not None
+    owner = ProcessRecord(OWNER_NAME, os.getpid(), stat.start_ticks, sys.argv, "")
+    owner.save(folder)
+    return folder
+
+
+def sweep_abandoned_private_folders(parent: Path) -> None:
+    """Stop the servers in every private folder under `parent` whose owner is gone,
+    and delete the folder."""
+    for folder in sorted(parent.glob(f"{PRIVATE_FOLDER_PREFIX}*")):
+        owner_file = folder / f"{OWNER_NAME}.json"
+        if not owner_file.is_file():
+            continue
+        owner = ProcessRecord.load(owner_file)
+        if owner is not None and owner.is_running():
+            continue
+        logger.warning("Stopping the servers of an interrupted test session in %s.", folder)
+        try:
+            # Their data is thrown away with the folder.
+            stop_recorded_processes(StateLayout(folder).pids, grace_seconds=0)
+        except SetupError as error:
+            logger.error("Could not clean up %s: %s", folder, error)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class SessionEnvironment:
-    """Lazily provides a control plane and a broker for one test session."""
+    """The control plane and the broker of one test session, started on first use."""
 
     def __init__(self, shared_layout: StateLayout) -> None:
         self.shared_layout = shared_layout
@@ -150,7 +193,7 @@ class SessionEnvironment:
 
     def private_folder(self) -> Path:
         if self._private_folder is None:
-            self._private_folder = Path(tempfile.mkdtemp(prefix="openchecker-testenv-"))
+            self._private_folder = create_private_folder()
             logger.info(
                 "Private servers of this session keep their files in %s.", self._private_folder
             )

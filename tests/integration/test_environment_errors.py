@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from openchecker_testenv import controlplane, environment, rabbitmq
+from openchecker_testenv import controlplane, environment, rabbitmq, session
 from openchecker_testenv.binaries import ASSETS_VARIABLE, ControlPlaneBinaries, resolve_binaries
 from openchecker_testenv.broker import Broker
 from openchecker_testenv.controlplane import LocalControlPlane
 from openchecker_testenv.errors import SetupError
 from openchecker_testenv.layout import StateLayout
 from openchecker_testenv.ports import reserve_free_ports
-from openchecker_testenv.processes import ProcessRecord, read_process_stat
+from openchecker_testenv.processes import ManagedProcess, ProcessRecord, read_process_stat
 from support import wait_for
 
 pytestmark = pytest.mark.timeout(180)
@@ -344,3 +344,31 @@ def test_apt_install_failure_shows_output(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert [command[:2] for command in commands] == [["apt-get", "update"], ["apt-get", "install"]]
     assert "rabbitmq-server" in commands[1]
     assert "simulated mirror failure" in str(raised.value)
+
+
+def test_abandoned_private_servers_stopped(tmp_path: Path) -> None:
+    """A killed test session leaves servers behind; the next session stops them."""
+    abandoned = tmp_path / f"{session.PRIVATE_FOLDER_PREFIX}abandoned"
+    _record_of_exited_process(session.OWNER_NAME).save(abandoned)
+    server = ManagedProcess(
+        "server",
+        ["sleep", "300"],
+        log_file=abandoned / "logs" / "server.log",
+        record_folder=StateLayout(abandoned).pids,
+    )
+    server.start()
+    record = ProcessRecord.load(StateLayout(abandoned).pids / "server.json")
+    assert record is not None
+
+    in_use = tmp_path / f"{session.PRIVATE_FOLDER_PREFIX}in-use"
+    stat = read_process_stat(os.getpid())
+    assert stat is not None
+    ProcessRecord(session.OWNER_NAME, os.getpid(), stat.start_ticks, ["pytest"], "").save(in_use)
+
+    session.sweep_abandoned_private_folders(tmp_path)
+
+    assert not record.is_running()
+    assert not abandoned.exists()
+    assert in_use.exists()
+    # Reap the killed child of this process.
+    assert server.exit_code() is not None
