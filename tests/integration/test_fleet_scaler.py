@@ -1,0 +1,219 @@
+"""The scaler loop in-process against the real kube-apiserver and the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import kubernetes
+import pika
+import pytest
+import requests
+from openchecker_operator.agentconfig import AgentOptions, BrokerConnection
+from openchecker_operator.fleet import FleetSpec, reconcile_fleet
+from openchecker_operator.kube import KubeClient
+from openchecker_operator.scaler import (
+    FleetRegistry,
+    QueueKey,
+    Scaler,
+    ScaleTarget,
+)
+from openchecker_operator.scaling import QueueFigures, ScalingPolicy
+from openchecker_operator.workloads import AgentPodSettings, Owner
+from openchecker_testenv.broker import Broker
+
+POLL_SECONDS = 0.5
+WINDOW_SECONDS = 3.0
+
+
+class ManagementReader:
+    """Reads all queues of the test broker in one request and counts the requests."""
+
+    def __init__(self, broker: Broker, management_url: str | None = None) -> None:
+        self.url = f"{management_url or broker.management_url}/api/queues"
+        self.session = broker.management_session()
+        self.requests = 0
+
+    def read_queue_figures(self) -> Mapping[QueueKey, QueueFigures]:
+        self.requests += 1
+        columns = "name,vhost,messages_ready,messages_unacknowledged,consumers"
+        response = self.session.get(self.url, params={"columns": columns}, timeout=5)
+        response.raise_for_status()
+        return {
+            (queue["vhost"], queue["name"]): QueueFigures(
+                ready=queue.get("messages_ready"),
+                unacknowledged=queue.get("messages_unacknowledged"),
+                consumers=queue.get("consumers"),
+            )
+            for queue in response.json()
+        }
+
+
+@pytest.fixture
+def channel(broker: Broker, vhost: str) -> Iterator[Any]:
+    connection = pika.BlockingConnection(pika.URLParameters(broker.amqp_url(vhost)))
+    yield connection.channel()
+    connection.close()
+
+
+def make_owner(kube_api: kubernetes.client.ApiClient, namespace: str, name: str) -> Owner:
+    core = kubernetes.client.CoreV1Api(kube_api)
+    owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": name}})
+    return Owner("v1", "ConfigMap", name, owner.metadata.uid)
+
+
+def make_fleet(owner: Owner, namespace: str, queue: str, policy: ScalingPolicy) -> FleetSpec:
+    return FleetSpec(
+        owner=owner,
+        namespace=namespace,
+        connection=BrokerConnection(host="rabbitmq", port=5672, username="u", password="p"),
+        options=AgentOptions(queue=queue),
+        pod=AgentPodSettings(image="openchecker-agent:test"),
+        policy=policy,
+    )
+
+
+def make_target(
+    owner: Owner,
+    namespace: str,
+    vhost: str,
+    queue: str,
+    reader: ManagementReader,
+    policy: ScalingPolicy,
+) -> ScaleTarget:
+    return ScaleTarget(
+        namespace=namespace,
+        name=owner.name,
+        uid=owner.uid,
+        vhost=vhost,
+        queue=queue,
+        dead_letter_queue=None,
+        broker_key="test-broker",
+        reader=reader,
+        policy=policy,
+        poll_interval_seconds=POLL_SECONDS,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def spec_replicas(kube_api: kubernetes.client.ApiClient, namespace: str, name: str) -> int:
+    scale = kubernetes.client.AppsV1Api(kube_api).read_namespaced_deployment_scale(
+        f"{name}-agent", namespace
+    )
+    return int(scale.spec.replicas or 0)
+
+
+def management_shows(broker: Broker, vhost: str, queue: str, ready: int) -> bool:
+    url = f"{broker.management_url}/api/queues/{requests.utils.quote(vhost, safe='')}/{queue}"
+    with broker.management_session() as session:
+        reply = session.get(url).json()
+    return reply.get("messages_ready") == ready
+
+
+async def wait_until(predicate: Any, timeout_seconds: float, message: str) -> float:
+    """Await until `predicate()` is true; return the seconds it took."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_seconds:
+            raise AssertionError(f"{message} (timed out after {timeout_seconds} s)")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.mark.timeout(90)
+def test_scaler_follows_backlog(
+    kube_api: kubernetes.client.ApiClient,
+    namespace: str,
+    broker: Broker,
+    vhost: str,
+    channel: Any,
+) -> None:
+    queue = "work"
+    channel.queue_declare(queue, durable=True)
+    policy = ScalingPolicy(
+        min_replicas=0,
+        max_replicas=5,
+        messages_per_replica=10,
+        scale_down_stabilization_seconds=WINDOW_SECONDS,
+    )
+    owner = make_owner(kube_api, namespace, "follow")
+    reader = ManagementReader(broker)
+
+    async def scenario() -> None:
+        kube = KubeClient(kube_api)
+        registry = FleetRegistry()
+        result = await reconcile_fleet(kube, make_fleet(owner, namespace, queue, policy), None)
+        assert result.deployment.spec_replicas == 0
+        registry.observe_deployment((namespace, owner.name), 0, 0)
+        registry.register(make_target(owner, namespace, vhost, queue, reader, policy))
+        task = asyncio.create_task(Scaler(registry, kube).run())
+        try:
+            for _ in range(40):
+                channel.basic_publish("", queue, b"{}")
+            await wait_until(
+                lambda: management_shows(broker, vhost, queue, 40), 15, "broker never showed 40"
+            )
+            took = await wait_until(
+                lambda: spec_replicas(kube_api, namespace, owner.name) == 4,
+                2 * POLL_SECONDS + 1,
+                "replicas did not reach 4 within two poll intervals",
+            )
+            assert took <= 2 * POLL_SECONDS + 1
+
+            channel.queue_purge(queue)
+            await wait_until(
+                lambda: management_shows(broker, vhost, queue, 0), 15, "broker never showed 0"
+            )
+            emptied = time.monotonic()
+            await wait_until(
+                lambda: spec_replicas(kube_api, namespace, owner.name) == 0,
+                WINDOW_SECONDS + 10,
+                "replicas did not return to 0",
+            )
+            assert time.monotonic() - emptied >= WINDOW_SECONDS - POLL_SECONDS
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+    events = kubernetes.client.CoreV1Api(kube_api).list_namespaced_event(namespace)
+    scaled = [event.message for event in events.items if event.reason == "Scaled"]
+    assert any(message.startswith("Scaled from 0 to 4: backlog 40") for message in scaled), scaled
+    assert any(message.startswith("Scaled from 4 to 0") for message in scaled), scaled
+
+
+@pytest.mark.timeout(60)
+def test_failed_reads_hold_replicas(
+    kube_api: kubernetes.client.ApiClient, namespace: str, broker: Broker
+) -> None:
+    policy = ScalingPolicy(min_replicas=0, scale_down_stabilization_seconds=0.0)
+    owner = make_owner(kube_api, namespace, "hold")
+    # Nothing listens on a port just released, so every read fails.
+    reader = ManagementReader(broker, management_url=f"http://127.0.0.1:{free_port()}")
+
+    async def scenario() -> None:
+        kube = KubeClient(kube_api)
+        registry = FleetRegistry()
+        await reconcile_fleet(kube, make_fleet(owner, namespace, "q", policy), None)
+        await kube.scale_deployment(namespace, f"{owner.name}-agent", 3)
+        registry.observe_deployment((namespace, owner.name), 3, 0)
+        registry.register(make_target(owner, namespace, "/", "q", reader, policy))
+        scaler = Scaler(registry, kube)
+        for _ in range(5):
+            report = await scaler.poll_due()
+            assert report.broker_failures == 1
+            await asyncio.sleep(POLL_SECONDS)
+
+    asyncio.run(scenario())
+
+    assert spec_replicas(kube_api, namespace, owner.name) == 3
