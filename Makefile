@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: venv binaries env-up env-down test unit lint bench bench-env-up demo install run deploy
+.PHONY: venv binaries env-up env-down test unit lint bench bench-env-up bench-agent demo install run deploy
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +44,12 @@ test: venv lint
 	$(PY) -m pytest
 
 ## bench: every benchmark under bench/; each adds itself as a prerequisite.
-bench: bench-env-up
+bench: bench-env-up bench-agent
 
 ## bench-env-up: warm start time of the control plane and the broker.
 bench-env-up: venv
 	$(PY) bench/env_up.py
+
+## bench-agent: agent throughput against a bare pika consumer, and idle memory.
+bench-agent: venv
+	$(PY) bench/agent_throughput.py
