@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+KUBECTL ?= kubectl
 
 .PHONY: venv binaries env-up env-down test unit lint bench bench-env-up bench-agent demo install run deploy
 
@@ -53,3 +54,21 @@ bench-env-up: venv
 ## bench-agent: agent throughput against a bare pika consumer, and idle memory.
 bench-agent: venv
 	$(PY) bench/agent_throughput.py
+
+## install: install the CRD into the cluster of the current KUBECONFIG.
+install:
+	$(KUBECTL) apply -k crds/
+
+## run: run the operator locally against the current KUBECONFIG, in all namespaces
+## (run `make install` first).
+run: venv
+	$(PY) -m openchecker_operator --all-namespaces --standalone
+
+## deploy: install the CRD, the RBAC rules and the operator Deployment (needs its image).
+deploy:
+	$(KUBECTL) apply -k manifests/
+
+## demo: the whole flow on this machine: environment, operator, a batch of check
+## requests, agents that follow the scaler, a summary and docs/demo.png.
+demo: venv
+	$(PY) -m openchecker_testenv.demo
