@@ -1,0 +1,1 @@
+"""Clients of the RabbitMQ broker: AMQP for declares, HTTP for everything read."""

@@ -1,0 +1,140 @@
+"""Operator start and stop: kopf settings, shared clients in `memo`, the scaler task.
+
+What the startup handler puts into kopf's memo (every resource handler
+gets a shallow copy, so these objects are shared):
+
+- `memo.settings`: OperatorSettings (put there by `__main__`, else read
+  from the environment here).
+- `memo.brokers`: BrokerRegistry, one BrokerClients per broker identity.
+- `memo.api_client`: kubernetes.client.ApiClient for blocking calls from
+  sync handlers.
+- `memo.kube`: KubeClient, the asynchronous wrapper over the same ApiClient.
+- `memo.fleet`: FleetRegistry, the scaler's resources and records.
+- `memo.scaler_task`: the asyncio task of the scaler's poll loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import kopf
+import kubernetes
+
+from ..broker.amqp import AmqpOptions
+from ..broker.registry import BrokerRegistry
+from ..kube import KubeClient
+from ..scaler import FleetRegistry, Scaler
+from ..settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+FINALIZER = "openchecker.io/queue-cleanup"
+# kopf's own bookkeeping (handler progress, last handled spec) goes into
+# annotations with this prefix, because the CRD's status schema has no
+# place for kopf's fields.
+ANNOTATIONS_PREFIX = "openchecker.io"
+# Threads for sync handlers; each handler holds one while it talks to a
+# broker, and the per-vhost AMQP lock serialises declares anyway.
+SYNC_HANDLER_THREADS = 8
+
+
+@kopf.on.startup()
+async def start_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Configure kopf and create the shared clients and the scaler task."""
+    configure_kopf(settings)
+    operator_settings = memo.get("settings")
+    if not isinstance(operator_settings, OperatorSettings):
+        operator_settings = memo["settings"] = OperatorSettings()
+
+    memo["brokers"] = BrokerRegistry(
+        AmqpOptions(
+            connection_name=operator_settings.connection_name,
+            heartbeat_seconds=operator_settings.amqp_heartbeat_seconds,
+        )
+    )
+    api_client = await asyncio.to_thread(create_api_client)
+    memo["api_client"] = api_client
+    memo["kube"] = KubeClient(api_client)
+    memo["fleet"] = FleetRegistry()
+    memo["scaler_task"] = asyncio.create_task(
+        Scaler(memo["fleet"], memo["kube"]).run(), name="openchecker-scaler"
+    )
+    logger.info(
+        "Operator started: resync every %.1f s, AMQP connection name %r.",
+        operator_settings.resync_interval_seconds,
+        operator_settings.connection_name,
+    )
+
+
+@kopf.on.cleanup()
+async def stop_operator(memo: kopf.Memo, **_: Any) -> None:
+    """Stop the scaler and close every broker and API client."""
+    task = memo.get("scaler_task")
+    if isinstance(task, asyncio.Task):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    brokers = memo.get("brokers")
+    if isinstance(brokers, BrokerRegistry):
+        await asyncio.to_thread(brokers.close)
+    api_client = memo.get("api_client")
+    if isinstance(api_client, kubernetes.client.ApiClient):
+        await asyncio.to_thread(api_client.close)
+    logger.info("Operator cleanup finished.")
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    """Apply the operator's choices to kopf's settings."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=ANNOTATIONS_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATIONS_PREFIX, key="last-handled-configuration"
+    )
+    settings.execution.max_workers = SYNC_HANDLER_THREADS
+    # Only explicit kopf.info/warn/exception calls become Events; handler
+    # log lines stay in the operator's log.
+    settings.posting.loggers = False
+
+
+def create_api_client() -> kubernetes.client.ApiClient:
+    """Return an ApiClient from the in-cluster service account, else from the kubeconfig."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
+    except kubernetes.config.ConfigException:
+        # Not in a pod: use $KUBECONFIG or ~/.kube/config, as kubectl does.
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration
+        )
+    return kubernetes.client.ApiClient(configuration)
+
+
+def broker_registry(memo: kopf.Memo) -> BrokerRegistry:
+    """Return the BrokerRegistry the startup handler put into `memo`."""
+    registry = memo.get("brokers")
+    if not isinstance(registry, BrokerRegistry):
+        raise kopf.TemporaryError("The operator is still starting: no broker registry yet.", 5)
+    return registry
+
+
+def operator_settings(memo: kopf.Memo) -> OperatorSettings:
+    """Return the OperatorSettings in `memo`."""
+    settings = memo.get("settings")
+    if not isinstance(settings, OperatorSettings):
+        raise kopf.TemporaryError("The operator is still starting: no settings yet.", 5)
+    return settings
+
+
+def api_client(memo: kopf.Memo) -> kubernetes.client.ApiClient:
+    """Return the blocking kubernetes ApiClient in `memo`."""
+    client = memo.get("api_client")
+    if not isinstance(client, kubernetes.client.ApiClient):
+        raise kopf.TemporaryError("The operator is still starting: no API client yet.", 5)
+    return client
