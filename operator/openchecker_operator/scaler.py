@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import kopf
 
+from .fleet import FleetSpec
 from .kube import RESOURCE_GROUP, RESOURCE_KIND, RESOURCE_VERSION, KubeClient, ObjectReference
 from .scaling import Decision, QueueFigures, ScalingPolicy, ScalingState, decide
 from .workloads import deployment_name
@@ -50,10 +51,23 @@ SCALED_REASON = "Scaled"
 SCALE_FAILED_REASON = "ScaleFailed"
 
 
+class QueueCounts(Protocol):
+    """Counts of one queue in a broker's reply; None when the reply lacks the count."""
+
+    @property
+    def ready(self) -> int | None: ...
+
+    @property
+    def unacknowledged(self) -> int | None: ...
+
+    @property
+    def consumers(self) -> int | None: ...
+
+
 class QueueFiguresReader(Protocol):
     """A broker's management client, reduced to the one call the scaler needs."""
 
-    def read_queue_figures(self) -> Mapping[QueueKey, QueueFigures]:
+    def read_queue_figures(self) -> Mapping[QueueKey, QueueCounts]:
         """Return the figures of every queue on the broker, keyed by (vhost, queue name).
 
         Blocks for one HTTP request. Raises on any failure.
@@ -118,15 +132,20 @@ class FleetRegistry:
     targets: dict[ResourceKey, ScaleTarget] = field(default_factory=dict)
     deployments: dict[ResourceKey, DeploymentReplicas] = field(default_factory=dict)
     progress: dict[ResourceKey, ResourceProgress] = field(default_factory=dict)
+    # The last FleetSpec of each resource, to recreate a deleted Deployment.
+    fleets: dict[ResourceKey, FleetSpec] = field(default_factory=dict)
 
-    def register(self, target: ScaleTarget) -> None:
+    def register(self, target: ScaleTarget, fleet: FleetSpec | None = None) -> None:
         """Add or update a resource; a changed poll interval applies from the next poll."""
         self.targets[target.key] = target
+        if fleet is not None:
+            self.fleets[target.key] = fleet
 
     def unregister(self, key: ResourceKey) -> None:
         """Forget a deleted resource."""
         self.targets.pop(key, None)
         self.progress.pop(key, None)
+        self.fleets.pop(key, None)
 
     def observe_deployment(
         self, key: ResourceKey, spec: int, status: int, now_seconds: float | None = None
@@ -240,7 +259,7 @@ class Scaler:
         await asyncio.gather(*work)
         return report
 
-    async def _read_broker(self, target: ScaleTarget) -> Mapping[QueueKey, QueueFigures] | None:
+    async def _read_broker(self, target: ScaleTarget) -> Mapping[QueueKey, QueueCounts] | None:
         try:
             return await asyncio.to_thread(target.reader.read_queue_figures)
         except Exception as error:
@@ -257,7 +276,7 @@ class Scaler:
     async def _apply_limited(
         self,
         target: ScaleTarget,
-        reading: Mapping[QueueKey, QueueFigures] | None,
+        reading: Mapping[QueueKey, QueueCounts] | None,
         now: float,
         report: CycleReport,
     ) -> None:
@@ -275,15 +294,15 @@ class Scaler:
     async def apply(
         self,
         target: ScaleTarget,
-        reading: Mapping[QueueKey, QueueFigures] | None,
+        reading: Mapping[QueueKey, QueueCounts] | None,
         now: float,
         report: CycleReport,
     ) -> None:
         """Decide for one resource, scale when needed and write its status."""
-        figures = None if reading is None else reading.get((target.vhost, target.queue))
+        figures = _figures(reading, target.vhost, target.queue)
         dead_letter = None
-        if reading is not None and target.dead_letter_queue:
-            dead_letter = reading.get((target.vhost, target.dead_letter_queue))
+        if target.dead_letter_queue:
+            dead_letter = _figures(reading, target.vhost, target.dead_letter_queue)
 
         progress = self._progress(target, now)
         replicas = self.registry.deployments.get(target.key)
@@ -420,6 +439,24 @@ def build_status(
         replica_status["lastScaleReason"] = progress.last_scale_reason
     status["replicas"] = replica_status
     return status
+
+
+def _figures(
+    reading: Mapping[QueueKey, QueueCounts] | None, vhost: str, queue: str
+) -> QueueFigures | None:
+    """Return one queue's figures from a broker reply; None when the read failed.
+
+    A queue missing from the reply gets figures without counts, which the
+    decision treats like a reply without count fields.
+    """
+    if reading is None:
+        return None
+    counts = reading.get((vhost, queue))
+    if counts is None:
+        return QueueFigures(ready=None, unacknowledged=None, consumers=None)
+    return QueueFigures(
+        ready=counts.ready, unacknowledged=counts.unacknowledged, consumers=counts.consumers
+    )
 
 
 def _timestamp() -> str:
