@@ -80,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         verbose=settings.log_level == "DEBUG", quiet=settings.log_level in ("WARNING", "ERROR")
     )
     logging.getLogger().setLevel(settings.log_level)
+    # pika logs every channel and socket step at INFO; the operator logs
+    # its own connection opens and failures.
+    logging.getLogger("pika").setLevel(max(logging.WARNING, logging.getLogger().level))
     logger.info(
         "Starting openchecker-operator for %s.",
         "all namespaces" if settings.all_namespaces else ", ".join(settings.namespaces),

@@ -68,6 +68,12 @@ class SecretInvalid(BrokerError):
     default_delay = CREDENTIALS_DELAY_SECONDS
 
 
+class SecretUnreadable(BrokerError):
+    """The API server failed to return the connection Secret (not a 404 or 403)."""
+
+    reason = "SecretUnreadable"
+
+
 class DeclareFailed(BrokerError):
     """The broker rejected a queue.declare for a reason other than drift."""
 

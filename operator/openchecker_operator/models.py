@@ -295,7 +295,9 @@ def broker_settings_from_secret(
     )
 
 
-def decode_secret_data(secret_name: str, data: Mapping[str, str] | None) -> dict[str, bytes]:
+def decode_secret_data(
+    secret_name: str, data: Mapping[str, str | bytes] | None
+) -> dict[str, bytes]:
     """Decode a Secret's base64 `data` map; raise SecretInvalid naming a key that fails."""
     decoded = {}
     for key, value in (data or {}).items():

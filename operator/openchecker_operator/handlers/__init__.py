@@ -1,5 +1,5 @@
 """Kopf handlers; importing this package registers them with kopf's default registry."""
 
-from . import fleet, lifecycle
+from . import fleet, lifecycle, queues
 
-__all__ = ["fleet", "lifecycle"]
+__all__ = ["fleet", "lifecycle", "queues"]

@@ -11,6 +11,8 @@ gets a shallow copy, so these objects are shared):
 - `memo.kube`: KubeClient, the asynchronous wrapper over the same ApiClient.
 - `memo.fleet`: FleetRegistry, the scaler's resources and records.
 - `memo.scaler_task`: the asyncio task of the scaler's poll loop.
+- `memo.resource_locks`: ResourceLocks, so the reconcile handlers and the
+  resync timer of one resource never run their broker steps at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
@@ -49,6 +53,7 @@ async def start_operator(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: 
     if not isinstance(operator_settings, OperatorSettings):
         operator_settings = memo["settings"] = OperatorSettings()
 
+    memo["resource_locks"] = ResourceLocks()
     memo["brokers"] = BrokerRegistry(
         AmqpOptions(
             connection_name=operator_settings.connection_name,
@@ -84,6 +89,31 @@ async def stop_operator(memo: kopf.Memo, **_: Any) -> None:
     if isinstance(api_client, kubernetes.client.ApiClient):
         await asyncio.to_thread(api_client.close)
     logger.info("Operator cleanup finished.")
+
+
+class ResourceLocks:
+    """One lock per resource uid, created on first use and dropped after the last holder."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, uid: str) -> Iterator[None]:
+        """Hold the lock of resource `uid` for the duration of the block."""
+        with self._guard:
+            lock, holders = self._locks.get(uid, (threading.Lock(), 0))
+            self._locks[uid] = (lock, holders + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, holders = self._locks[uid]
+                if holders <= 1:
+                    del self._locks[uid]
+                else:
+                    self._locks[uid] = (lock, holders - 1)
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
@@ -138,3 +168,11 @@ def api_client(memo: kopf.Memo) -> kubernetes.client.ApiClient:
     if not isinstance(client, kubernetes.client.ApiClient):
         raise kopf.TemporaryError("The operator is still starting: no API client yet.", 5)
     return client
+
+
+def resource_locks(memo: kopf.Memo) -> ResourceLocks:
+    """Return the ResourceLocks in `memo`."""
+    locks = memo.get("resource_locks")
+    if not isinstance(locks, ResourceLocks):
+        raise kopf.TemporaryError("The operator is still starting: no resource locks yet.", 5)
+    return locks
