@@ -10,6 +10,7 @@ fails a test that passed. `operator_process` is the same for the test's
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ CRD_FOLDER = REPOSITORY / "crds"
 CRD_NAME = "opencheckqueues.openchecker.io"
 BROKER_SECRET_NAME = "rabbitmq-connection"
 CRD_ESTABLISHED_TIMEOUT_SECONDS = 30.0
+RESOURCE_DELETION_TIMEOUT_SECONDS = 30.0
+FORCE_ANNOTATION = "openchecker.io/force-delete"
 
 REPORT_KEY = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -89,6 +92,7 @@ def start_operator(
     request: pytest.FixtureRequest,
     control_plane: ControlPlane,
     opencheckqueue_crd: str,
+    kubectl: Kubectl,
     tmp_path: Path,
 ) -> Iterator[StartOperator]:
     """A factory `start_operator(namespace, env=None, kubeconfig=None, **options)`.
@@ -115,6 +119,9 @@ def start_operator(
 
     yield start
 
+    for process in started:
+        if process.running:
+            delete_queue_resources(kubectl, process.namespaces)
     problems = []
     for process in started:
         code = process.stop()
@@ -126,6 +133,46 @@ def start_operator(
             problems.append(f"{process.log_path}: the operator exited with code {code}")
     if problems and not test_failed(request):
         pytest.fail("The operator's log shows errors:\n" + "\n".join(problems), pytrace=False)
+
+
+def delete_queue_resources(kubectl: Kubectl, namespaces: list[str]) -> None:
+    """Delete every OpenCheckQueue while the operator still runs, so none keeps a finalizer.
+
+    A resource whose deletion stays blocked (a non-empty queue under
+    `Delete`) gets the force annotation, and after the wait its finalizer
+    is removed, so the test's namespace can go away.
+    """
+    for namespace in namespaces:
+        kubectl(
+            "annotate",
+            "ocq",
+            "--all",
+            "-n",
+            namespace,
+            f"{FORCE_ANNOTATION}=true",
+            "--overwrite",
+            check=False,
+        )
+        kubectl("delete", "ocq", "--all", "-n", namespace, "--wait=false", check=False)
+    deadline = time.monotonic() + RESOURCE_DELETION_TIMEOUT_SECONDS
+    for namespace in namespaces:
+        while time.monotonic() < deadline:
+            names = kubectl("get", "ocq", "-n", namespace, "-o", "name", check=False).stdout
+            if not names.strip():
+                break
+            time.sleep(0.3)
+        names = kubectl("get", "ocq", "-n", namespace, "-o", "name", check=False).stdout
+        for resource in names.split():
+            kubectl(
+                "patch",
+                resource,
+                "-n",
+                namespace,
+                "--type=merge",
+                "-p",
+                '{"metadata":{"finalizers":null}}',
+                check=False,
+            )
 
 
 @pytest.fixture

@@ -219,7 +219,12 @@ class _VhostConnection:
         connection, self.connection, self.channel = self.connection, None, None
         if close and connection is not None and connection.is_open:
             try:
-                connection.close()
+                # Reads a close the broker already sent (for example after
+                # the vhost was deleted), so no close frame goes to a socket
+                # the broker has reset.
+                connection.process_data_events(time_limit=0)
+                if connection.is_open:
+                    connection.close()
             except pika.exceptions.AMQPError as error:
                 # The connection is being dropped anyway; a failed close
                 # means the socket is already gone.
