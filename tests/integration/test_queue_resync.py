@@ -1,0 +1,79 @@
+"""The resync timer declares queues deleted out of band and reuses one AMQP connection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import kubernetes
+import pytest
+from openchecker_testenv.broker import Broker
+from support import Kubectl, apply_manifest, wait_for
+from support.operator import OperatorProcess
+from support.resources import (
+    delete_queue,
+    event_count,
+    operator_connections,
+    queue_manifest,
+    read_queue,
+    wait_for_condition,
+)
+
+RESYNC_SECONDS = 0.5
+DELETIONS = 20
+MAX_CONNECTIONS = 2
+
+
+@pytest.mark.timeout(240)
+def test_deleted_queue_redeclared_on_one_connection(
+    namespace: str,
+    vhost: str,
+    broker_secret: str,
+    broker: Broker,
+    start_operator: Callable[..., OperatorProcess],
+    kubectl: Kubectl,
+    kube_api: kubernetes.client.ApiClient,
+) -> None:
+    # A connection name of its own, so the count ignores other operators
+    # on the shared test broker.
+    connection_name = f"openchecker-operator-{namespace}"
+    operator = start_operator(
+        namespace,
+        env={"OPENCHECKER_OPERATOR_CONNECTION_NAME": connection_name},
+        resync_interval_seconds=RESYNC_SECONDS,
+    )
+    apply_manifest(kubectl, queue_manifest("resync", broker_secret, vhost), namespace)
+    wait_for_condition(kube_api, namespace, "resync", "Ready", "True")
+
+    most_connections = 0
+    for _ in range(DELETIONS):
+        delete_queue(broker, vhost, "resync")
+        wait_for(
+            lambda: read_queue(broker, vhost, "resync") is not None,
+            10,
+            message="the deleted queue was not declared again",
+        )
+        most_connections = max(
+            most_connections, len(operator_connections(broker, connection_name))
+        )
+
+    assert operator.running
+    assert operator.count(r"Opened AMQP connection") <= MAX_CONNECTIONS
+    assert most_connections <= MAX_CONNECTIONS
+    # The management API lists a connection a few seconds after it opens.
+    listed = wait_for(
+        lambda: operator_connections(broker, connection_name),
+        15,
+        message="the operator's connection never appeared in /api/connections",
+    )
+    assert len(listed) <= MAX_CONNECTIONS
+    wait_for(
+        lambda: event_count(kube_api, namespace, "resync", "Redeclared") >= DELETIONS,
+        10,
+        message="fewer Redeclared Events than deletions",
+    )
+    assert event_count(kube_api, namespace, "resync", "Redeclared") == DELETIONS
+    resource = wait_for_condition(kube_api, namespace, "resync", "Ready", "True")
+    queue = read_queue(broker, vhost, "resync")
+    assert queue is not None
+    assert queue["arguments"]["x-dead-letter-routing-key"] == "resync.dlq"
+    assert resource["status"]["observedGeneration"] == 1
