@@ -9,7 +9,6 @@ fails a test that passed. `operator_process` is the same for the test's
 
 from __future__ import annotations
 
-import base64
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -21,6 +20,7 @@ from openchecker_testenv.broker import Broker
 from openchecker_testenv.controlplane import ControlPlane
 from support import Kubectl
 from support.operator import OperatorProcess
+from support.resources import create_secret
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CRD_FOLDER = REPOSITORY / "crds"
@@ -74,17 +74,6 @@ def broker_secret(namespace: str, broker: Broker, kube_api: kubernetes.client.Ap
     }
     create_secret(kube_api, namespace, BROKER_SECRET_NAME, data)
     return BROKER_SECRET_NAME
-
-
-def create_secret(
-    kube_api: kubernetes.client.ApiClient, namespace: str, name: str, data: Mapping[str, str]
-) -> None:
-    """Create an Opaque Secret from text values."""
-    encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
-    body = kubernetes.client.V1Secret(
-        metadata=kubernetes.client.V1ObjectMeta(name=name), data=encoded, type="Opaque"
-    )
-    kubernetes.client.CoreV1Api(kube_api).create_namespaced_secret(namespace, body)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 from collections.abc import Mapping
 from pathlib import Path
@@ -180,3 +181,14 @@ def operator_connections(broker: Broker, connection_name: str) -> list[dict[str,
         for item in connections
         if (item.get("client_properties") or {}).get("connection_name") == connection_name
     ]
+
+
+def create_secret(
+    kube_api: kubernetes.client.ApiClient, namespace: str, name: str, data: Mapping[str, str]
+) -> None:
+    """Create an Opaque Secret from text values."""
+    encoded = {key: base64.b64encode(value.encode()).decode() for key, value in data.items()}
+    body = kubernetes.client.V1Secret(
+        metadata=kubernetes.client.V1ObjectMeta(name=name), data=encoded, type="Opaque"
+    )
+    kubernetes.client.CoreV1Api(kube_api).create_namespaced_secret(namespace, body)
