@@ -2,8 +2,9 @@
 
 One task serves all resources. Each cycle it picks the resources whose poll
 interval has passed, groups them by broker, and reads each broker once. A
-single management API request returns the figures of all queues of a
-broker, so broker requests per cycle grow with brokers, not resources.
+single management API request returns the current counts of all queues of
+a broker (plus one for consumer counts every CONSUMERS_REFRESH_SECONDS), so
+broker requests per cycle grow with brokers, not resources.
 For each resource it applies `scaling.decide`, writes the replica count
 through the Deployment's scale subresource when it changes, posts a
 `Scaled` Event, and merges the figures into the resource's status.
@@ -21,7 +22,7 @@ import asyncio
 import datetime
 import logging
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -45,6 +46,9 @@ MIN_SLEEP_SECONDS = 0.05
 STATUS_REFRESH_SECONDS = 30.0
 # Resources handled at once; each may make up to three API calls.
 CONCURRENT_RESOURCES = 16
+# Seconds between two reads of the consumer counts of one broker, which
+# only status shows; the live counts that drive decisions come every poll.
+CONSUMERS_REFRESH_SECONDS = 30.0
 # How long a count the scaler wrote wins over older counts from the watch.
 WRITE_SETTLE_SECONDS = 10.0
 SCALED_REASON = "Scaled"
@@ -70,9 +74,82 @@ class QueueFiguresReader(Protocol):
     def read_queue_figures(self) -> Mapping[QueueKey, QueueCounts]:
         """Return the figures of every queue on the broker, keyed by (vhost, queue name).
 
-        Blocks for one HTTP request. Raises on any failure.
+        Blocks for one HTTP request, or two when the reader also refreshes
+        consumer counts. Raises on any failure of the counts that drive the
+        decision.
         """
         ...
+
+
+class NamedQueueCounts(QueueCounts, Protocol):
+    """Counts of one queue with the queue's vhost and name."""
+
+    @property
+    def vhost(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+class QueueListingSource(Protocol):
+    """The two queue listings of a broker's management client."""
+
+    def list_queue_totals(self) -> Sequence[NamedQueueCounts]:
+        """Return current ready and unacknowledged counts of every queue; one request."""
+        ...
+
+    def list_queues(self) -> Sequence[NamedQueueCounts]:
+        """Return the statistics listing of every queue, with consumers; one request."""
+        ...
+
+
+class BrokerFiguresReader:
+    """The scaler's reader of one broker: live counts, consumer counts refreshed less often.
+
+    Each read sends one request for the live ready and unacknowledged
+    counts of every queue. The consumer counts exist only in the broker's
+    statistics listing, which costs the broker more and lags by seconds
+    anyway. So that listing is read at most every CONSUMERS_REFRESH_SECONDS,
+    and its counts are reused in between.
+    """
+
+    def __init__(
+        self, source: QueueListingSource, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.source = source
+        self.monotonic = monotonic
+        self.consumers: dict[QueueKey, int | None] = {}
+        self.consumers_read_seconds = float("-inf")
+
+    def read_queue_figures(self) -> dict[QueueKey, QueueFigures]:
+        """Return the figures of every queue, keyed by (vhost, queue name).
+
+        Raises what the live listing raises; a failed consumer listing only
+        keeps the previous consumer counts.
+        """
+        totals = self.source.list_queue_totals()
+        now = self.monotonic()
+        if now - self.consumers_read_seconds >= CONSUMERS_REFRESH_SECONDS:
+            self._refresh_consumers(now)
+        return {
+            (item.vhost, item.name): QueueFigures(
+                ready=item.ready,
+                unacknowledged=item.unacknowledged,
+                consumers=self.consumers.get((item.vhost, item.name)),
+            )
+            for item in totals
+        }
+
+    def _refresh_consumers(self, now: float) -> None:
+        try:
+            listing = self.source.list_queues()
+        except Exception as error:
+            # Consumer counts are only shown in status; the live counts that
+            # drive the decision were read, so this read is retried later.
+            logger.warning("Reading consumer counts failed; keeping the previous ones: %s", error)
+            return
+        self.consumers = {(item.vhost, item.name): item.consumers for item in listing}
+        self.consumers_read_seconds = now
 
 
 @dataclass(frozen=True)
@@ -134,6 +211,14 @@ class FleetRegistry:
     progress: dict[ResourceKey, ResourceProgress] = field(default_factory=dict)
     # The last FleetSpec of each resource, to recreate a deleted Deployment.
     fleets: dict[ResourceKey, FleetSpec] = field(default_factory=dict)
+    readers: dict[Hashable, BrokerFiguresReader] = field(default_factory=dict)
+
+    def reader_for(self, broker_key: Hashable, source: QueueListingSource) -> BrokerFiguresReader:
+        """Return the reader of a broker, shared by its resources; a new one for a new client."""
+        reader = self.readers.get(broker_key)
+        if reader is None or reader.source is not source:
+            reader = self.readers[broker_key] = BrokerFiguresReader(source)
+        return reader
 
     def register(self, target: ScaleTarget, fleet: FleetSpec | None = None) -> None:
         """Add or update a resource; a changed poll interval applies from the next poll."""

@@ -13,9 +13,11 @@ import pika
 import pytest
 import requests
 from openchecker_operator.agentconfig import AgentOptions, BrokerConnection
+from openchecker_operator.broker.management import ManagementClient
 from openchecker_operator.fleet import FleetSpec, reconcile_fleet
 from openchecker_operator.kube import KubeClient
 from openchecker_operator.scaler import (
+    BrokerFiguresReader,
     FleetRegistry,
     QueueKey,
     Scaler,
@@ -29,27 +31,24 @@ POLL_SECONDS = 0.5
 WINDOW_SECONDS = 3.0
 
 
-class ManagementReader:
-    """Reads all queues of the test broker in one request and counts the requests."""
+class CountedReader:
+    """The operator's broker reader over its management client, counting HTTP requests."""
 
     def __init__(self, broker: Broker, management_url: str | None = None) -> None:
-        self.url = f"{management_url or broker.management_url}/api/queues"
-        self.session = broker.management_session()
+        self.client = ManagementClient(
+            base_url=management_url or broker.management_url,
+            username=broker.username,
+            password=broker.password,
+        )
+        self.reader = BrokerFiguresReader(self.client)
         self.requests = 0
+        self.client._session.hooks["response"].append(self._count)
+
+    def _count(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        self.requests += 1
 
     def read_queue_figures(self) -> Mapping[QueueKey, QueueFigures]:
-        self.requests += 1
-        columns = "name,vhost,messages_ready,messages_unacknowledged,consumers"
-        response = self.session.get(self.url, params={"columns": columns}, timeout=5)
-        response.raise_for_status()
-        return {
-            (queue["vhost"], queue["name"]): QueueFigures(
-                ready=queue.get("messages_ready"),
-                unacknowledged=queue.get("messages_unacknowledged"),
-                consumers=queue.get("consumers"),
-            )
-            for queue in response.json()
-        }
+        return self.reader.read_queue_figures()
 
 
 @pytest.fixture
@@ -81,7 +80,7 @@ def make_target(
     namespace: str,
     vhost: str,
     queue: str,
-    reader: ManagementReader,
+    reader: CountedReader,
     policy: ScalingPolicy,
 ) -> ScaleTarget:
     return ScaleTarget(
@@ -112,13 +111,6 @@ def spec_replicas(kube_api: kubernetes.client.ApiClient, namespace: str, name: s
     return int(scale.spec.replicas or 0)
 
 
-def management_shows(broker: Broker, vhost: str, queue: str, ready: int) -> bool:
-    url = f"{broker.management_url}/api/queues/{requests.utils.quote(vhost, safe='')}/{queue}"
-    with broker.management_session() as session:
-        reply = session.get(url).json()
-    return reply.get("messages_ready") == ready
-
-
 async def wait_until(predicate: Any, timeout_seconds: float, message: str) -> float:
     """Await until `predicate()` is true; return the seconds it took."""
     start = time.monotonic()
@@ -146,7 +138,7 @@ def test_scaler_follows_backlog(
         scale_down_stabilization_seconds=WINDOW_SECONDS,
     )
     owner = make_owner(kube_api, namespace, "follow")
-    reader = ManagementReader(broker)
+    reader = CountedReader(broker)
 
     async def scenario() -> None:
         kube = KubeClient(kube_api)
@@ -159,24 +151,18 @@ def test_scaler_follows_backlog(
         try:
             for _ in range(40):
                 channel.basic_publish("", queue, b"{}")
-            await wait_until(
-                lambda: management_shows(broker, vhost, queue, 40), 15, "broker never showed 40"
-            )
             took = await wait_until(
                 lambda: spec_replicas(kube_api, namespace, owner.name) == 4,
                 2 * POLL_SECONDS + 1,
-                "replicas did not reach 4 within two poll intervals",
+                "replicas did not reach 4 within two poll intervals of the publish",
             )
             assert took <= 2 * POLL_SECONDS + 1
 
             channel.queue_purge(queue)
-            await wait_until(
-                lambda: management_shows(broker, vhost, queue, 0), 15, "broker never showed 0"
-            )
             emptied = time.monotonic()
             await wait_until(
                 lambda: spec_replicas(kube_api, namespace, owner.name) == 0,
-                WINDOW_SECONDS + 10,
+                WINDOW_SECONDS + 5,
                 "replicas did not return to 0",
             )
             assert time.monotonic() - emptied >= WINDOW_SECONDS - POLL_SECONDS
@@ -199,7 +185,7 @@ def test_failed_reads_hold_replicas(
     policy = ScalingPolicy(min_replicas=0, scale_down_stabilization_seconds=0.0)
     owner = make_owner(kube_api, namespace, "hold")
     # Nothing listens on a port just released, so every read fails.
-    reader = ManagementReader(broker, management_url=f"http://127.0.0.1:{free_port()}")
+    reader = CountedReader(broker, management_url=f"http://127.0.0.1:{free_port()}")
 
     async def scenario() -> None:
         kube = KubeClient(kube_api)
@@ -217,3 +203,60 @@ def test_failed_reads_hold_replicas(
     asyncio.run(scenario())
 
     assert spec_replicas(kube_api, namespace, owner.name) == 3
+
+
+@pytest.mark.timeout(60)
+def test_reader_counts_are_live(broker: Broker, vhost: str, channel: Any) -> None:
+    channel.queue_declare("live", durable=True)
+    for _ in range(40):
+        channel.basic_publish("", "live", b"{}")
+    # A passive declare returns after the broker has taken the publishes.
+    channel.queue_declare("live", passive=True)
+
+    # No wait for the statistics database, which lags by seconds.
+    figures = CountedReader(broker).read_queue_figures()[(vhost, "live")]
+
+    assert figures.ready == 40
+    assert figures.unacknowledged == 0
+
+
+@pytest.mark.timeout(60)
+def test_reader_reports_consumers(broker: Broker, vhost: str, channel: Any) -> None:
+    channel.queue_declare("watched", durable=True)
+    channel.basic_consume("watched", lambda *_: None)
+
+    def consumers() -> int | None:
+        # A new reader reads the consumer counts at its first read.
+        figures = CountedReader(broker).read_queue_figures().get((vhost, "watched"))
+        return None if figures is None else figures.consumers
+
+    deadline = time.monotonic() + 20
+    while consumers() != 1:
+        assert time.monotonic() < deadline, "the consumer count never showed the consumer"
+        channel.connection.process_data_events(0.5)
+
+
+@pytest.mark.timeout(90)
+def test_broker_requests_independent_of_resources(
+    kube_api: kubernetes.client.ApiClient, namespace: str, broker: Broker, vhost: str
+) -> None:
+    policy = ScalingPolicy()
+    reader = CountedReader(broker)
+    registry = FleetRegistry()
+    for index in range(20):
+        owner = Owner("v1", "ConfigMap", f"resource-{index}", f"uid-{index}")
+        registry.register(make_target(owner, namespace, vhost, f"queue-{index}", reader, policy))
+
+    async def two_cycles() -> tuple[int, int]:
+        scaler = Scaler(registry, KubeClient(kube_api))
+        await scaler.poll(list(registry.targets.values()), time.monotonic())
+        first = reader.requests
+        await scaler.poll(list(registry.targets.values()), time.monotonic())
+        return first, reader.requests - first
+
+    first, second = asyncio.run(two_cycles())
+
+    # The first cycle also reads the consumer counts; later ones only the
+    # live counts, until CONSUMERS_REFRESH_SECONDS have passed.
+    assert first == 2
+    assert second == 1

@@ -155,7 +155,7 @@ async def reconcile(
         queue=fleet.options.queue,
         dead_letter_queue=parsed.dead_letter_queue_name(name),
         broker_key=broker.identity,
-        reader=clients.management,
+        reader=registry.reader_for(broker.identity, clients.management),
         policy=fleet.policy,
         poll_interval_seconds=parsed.scaling.poll_interval_seconds,
     )
