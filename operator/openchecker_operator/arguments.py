@@ -14,6 +14,10 @@ from typing import Any
 
 from .models import LimitsSpec, QueueType
 
+# NOTE: RabbitMQ applies only the highest-priority policy that matches a
+# queue, so a user policy above 100 on the same queue hides these limits,
+# and two resources with the same queue name on one vhost write two
+# policies of equal priority for it.
 POLICY_PRIORITY = 100
 POLICY_APPLY_TO = "queues"
 POLICY_PREFIX = "openchecker"

@@ -36,7 +36,7 @@ class BrokerUnreachable(BrokerError):
 
 
 class BrokerRequestFailed(BrokerError):
-    """The broker answered with an unexpected error, such as HTTP 500."""
+    """The broker returned an unexpected error, such as HTTP 500."""
 
     reason = "BrokerRequestFailed"
 
@@ -62,7 +62,7 @@ class SecretNotFound(BrokerError):
 
 
 class SecretInvalid(BrokerError):
-    """The connection Secret lacks a key or holds a value that cannot be used."""
+    """The connection Secret lacks a key or contains a value that cannot be used."""
 
     reason = "SecretInvalid"
     default_delay = CREDENTIALS_DELAY_SECONDS
@@ -93,7 +93,7 @@ class PolicyFailed(BrokerError):
 
 
 class QueueNotEmpty(BrokerError):
-    """A queue to delete still holds messages, and deletion is not forced."""
+    """A queue to delete is not empty, and deletion is not forced."""
 
     reason = "QueueNotEmpty"
     default_delay = 30.0

@@ -49,6 +49,8 @@ class SpecModel(BaseModel):
 class QueueSpec(SpecModel):
     """The work queue: `spec.queue`."""
 
+    # NOTE: AMQP limits names to 255 bytes; a name of 255 characters with
+    # non-ASCII letters passes here and the broker rejects the declare.
     name: str | None = Field(default=None, min_length=1, max_length=255)
     vhost: str | None = Field(default=None, min_length=1)
     type: QueueType = "classic"
@@ -92,7 +94,7 @@ class TlsSpec(SpecModel):
 
 
 class ConnectionSpec(SpecModel):
-    """Where the broker is and how to log in: `spec.connection`."""
+    """Broker address and credentials reference: `spec.connection`."""
 
     secret_ref: SecretReference
     management_url: str | None = Field(default=None, alias="managementURL")
@@ -143,7 +145,7 @@ class AgentSpec(SpecModel):
 
 
 class ScalingSpec(SpecModel):
-    """How the scaler sizes the agent fleet: `spec.scaling`."""
+    """Scaling settings of the agent fleet: `spec.scaling`."""
 
     min_replicas: int = Field(default=0, ge=0)
     max_replicas: int = Field(default=10, ge=0)
@@ -225,7 +227,7 @@ def describe_validation_error(error: ValidationError) -> str:
 
 @dataclass(frozen=True)
 class BrokerIdentity:
-    """What makes two resources share broker clients; never includes the password."""
+    """Key under which resources share broker clients; never includes the password."""
 
     host: str
     port: int

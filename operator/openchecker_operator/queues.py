@@ -8,7 +8,7 @@ drift: a queue that exists with other arguments is reported, not changed.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from .arguments import (
@@ -25,7 +25,7 @@ from .arguments import (
 )
 from .broker.management import QueueFigures
 from .broker.registry import BrokerClients
-from .errors import PreconditionFailed, QueueNotEmpty
+from .errors import BrokerError, PreconditionFailed, QueueNotEmpty
 from .models import (
     DEFAULT_VHOST,
     BrokerSettings,
@@ -104,7 +104,7 @@ class PolicyState:
 
 @dataclass
 class ReconcileReport:
-    """What a reconcile found and did, step by step; partial when a step raised."""
+    """Record of what a reconcile found and changed, step by step; partial when a step raised."""
 
     target: QueueTarget
     step: Step = "connect"
@@ -158,7 +158,38 @@ def reconcile_queues(
     )
     report.step = "policy"
     report.policy = apply_policy(clients, target)
+    refresh_counts(clients, report)
     return report
+
+
+def refresh_counts(clients: BrokerClients, report: ReconcileReport) -> None:
+    """Replace the queues' ready and unacknowledged counts with live ones.
+
+    The counts of `get_queue` come from the broker's statistics database
+    and lag by up to one statistics interval, while the scaler writes live
+    counts into the same status fields. Consumers still come from the
+    statistics. A failed read keeps the statistics counts.
+    """
+    try:
+        totals = clients.management.list_queue_totals(report.target.vhost)
+    except BrokerError as error:
+        # The counts are a report, not a step of the reconcile: log and go on.
+        logger.warning("Reading live counts of vhost %r failed: %s", report.target.vhost, error)
+        return
+    live = {figures.name: figures for figures in totals}
+    report.dead_letter = _with_live_counts(report.dead_letter, live)
+    report.queue = _with_live_counts(report.queue, live)
+
+
+def _with_live_counts(
+    state: QueueState | None, live: dict[str, QueueFigures]
+) -> QueueState | None:
+    if state is None or state.name not in live:
+        return state
+    counts = live[state.name]
+    consumers = state.figures.consumers if state.figures else None
+    figures = replace(counts, consumers=consumers)
+    return replace(state, figures=figures)
 
 
 def ensure_queue(
@@ -190,7 +221,7 @@ def ensure_queue(
 
 
 def apply_policy(clients: BrokerClients, target: QueueTarget) -> PolicyState:
-    """Create, update or delete the operator's policy so it holds the spec's limits."""
+    """Create, update or delete the operator's policy so it contains the spec's limits."""
     plan = plan_policy(target.limits, clients.overview().version_tuple)
     name = target.policy_name
     management = clients.management
@@ -232,7 +263,7 @@ def read_figures(
 
 @dataclass
 class DeletionResult:
-    """What a deletion removed."""
+    """Outcome of a deletion: which queues and policy were removed."""
 
     queue_deleted: bool = False
     dead_letter: DeadLetterOutcome = "absent"
@@ -269,6 +300,6 @@ def _delete_queue(clients: BrokerClients, vhost: str, name: str, force: bool) ->
         return clients.management.delete_queue(vhost, name, if_empty=not force)
     except QueueNotEmpty:
         raise QueueNotEmpty(
-            f"Queue {name!r} on vhost {vhost!r} still holds messages, so it was not deleted; "
+            f"Queue {name!r} on vhost {vhost!r} is not empty, so it was not deleted; "
             f'consume or purge them, or set the annotation {FORCE_DELETE_ANNOTATION}: "true"'
         ) from None

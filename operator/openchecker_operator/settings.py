@@ -21,8 +21,9 @@ class OperatorSettings(BaseSettings):
 
     # Seconds between two re-checks of one resource against the broker. A
     # queue deleted behind the operator's back is declared again at most
-    # this long after; each re-check costs one passive declare and two
-    # management API requests per resource.
+    # this long after. Each re-check costs four management API requests
+    # (two queues, the policy, the vhost's live counts) and one status
+    # write per resource.
     resync_interval_seconds: float = Field(default=60.0, gt=0)
     # Seconds after creation or a change before the first re-check, so the
     # re-check does not race the create or update handler.

@@ -106,7 +106,7 @@ def error_conditions(report: ReconcileReport | None, error: BrokerError) -> list
     """Return the conditions that a failed reconcile changes; the others keep their values.
 
     Connection, credential and Secret errors, and any error before the
-    broker first answered, set BrokerReachable. Later errors, such as a
+    broker's first reply, set BrokerReachable. Later errors, such as a
     declare refused for lack of the configure permission (AccessRefused),
     set the condition of the step that failed.
     """

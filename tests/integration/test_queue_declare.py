@@ -104,8 +104,8 @@ def test_get_shows_printer_columns(
         values = table_row(lines[0], lines[1])
         return values if values.get("READY") not in ("", "<none>") else None
 
-    shown = wait_for(columns, 30, message="kubectl get ocq never showed the counts")
-    assert list(shown) == [
+    row = wait_for(columns, 30, message="kubectl get ocq never showed the counts")
+    assert list(row) == [
         "NAME",
         "QUEUE",
         "READY",
@@ -117,10 +117,10 @@ def test_get_shows_printer_columns(
         "STATUS",
         "AGE",
     ]
-    assert shown["NAME"] == "opencheck"
-    assert shown["QUEUE"] == "opencheck"
-    assert shown["READY"] == "0"
-    assert shown["STATUS"] == "QueueReady"
+    assert row["NAME"] == "opencheck"
+    assert row["QUEUE"] == "opencheck"
+    assert row["READY"] == "0"
+    assert row["STATUS"] == "QueueReady"
 
 
 def table_row(header: str, row: str) -> dict[str, str]:

@@ -44,7 +44,7 @@ def test_deleted_queue_redeclared_on_one_connection(
     apply_manifest(kubectl, queue_manifest("resync", broker_secret, vhost), namespace)
     wait_for_condition(kube_api, namespace, "resync", "Ready", "True")
 
-    most_connections = 0
+    max_connections_seen = 0
     for _ in range(DELETIONS):
         delete_queue(broker, vhost, "resync")
         wait_for(
@@ -52,13 +52,13 @@ def test_deleted_queue_redeclared_on_one_connection(
             10,
             message="the deleted queue was not declared again",
         )
-        most_connections = max(
-            most_connections, len(operator_connections(broker, connection_name))
+        max_connections_seen = max(
+            max_connections_seen, len(operator_connections(broker, connection_name))
         )
 
     assert operator.running
     assert operator.count(r"Opened AMQP connection") <= MAX_CONNECTIONS
-    assert most_connections <= MAX_CONNECTIONS
+    assert max_connections_seen <= MAX_CONNECTIONS
     # The management API lists a connection a few seconds after it opens.
     listed = wait_for(
         lambda: operator_connections(broker, connection_name),

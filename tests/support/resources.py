@@ -89,12 +89,12 @@ def wait_for_condition(
             return None
         return resource
 
-    wanted = f"{type_}={status}" + (f" ({reason})" if reason else "")
+    expected = f"{type_}={status}" + (f" ({reason})" if reason else "")
     return wait_for(
         check,
         timeout_seconds,
         interval_seconds=0.3,
-        message=f"OpenCheckQueue {namespace}/{name} never had {wanted}",
+        message=f"OpenCheckQueue {namespace}/{name} never had {expected}",
     )
 
 

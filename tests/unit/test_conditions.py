@@ -101,7 +101,9 @@ def test_transition_time_moves_on_status_change() -> None:
     reachable = find_condition(second, BROKER_REACHABLE)
     ready = find_condition(second, READY)
     queue = find_condition(second, QUEUE_DECLARED)
-    assert reachable is not None and ready is not None and queue is not None
+    assert reachable is not None
+    assert ready is not None
+    assert queue is not None
     assert reachable["lastTransitionTime"] == LATER
     assert ready["lastTransitionTime"] == LATER
     assert queue["lastTransitionTime"] == EARLIER

@@ -64,6 +64,9 @@ class AmqpOptions:
 class AmqpClient:
     """Declares and passive checks of queues on one broker, one connection per vhost."""
 
+    # NOTE: AMQP binds a connection to one vhost, so the operator keeps one
+    # connection per vhost in use on each broker, kept open while it runs.
+
     def __init__(self, settings: BrokerSettings, options: AmqpOptions | None = None) -> None:
         self.settings = settings
         self.options = options or AmqpOptions()
@@ -140,8 +143,8 @@ class _VhostConnection:
     def run(self, operation: Callable[[BlockingChannel], ResultT]) -> ResultT:
         """Run `operation` on the channel, reopening what was closed.
 
-        A reused connection may have died while idle without pika noticing;
-        when the operation then fails with a connection error, it runs once
+        A reused connection may have died while idle without pika noticing.
+        When the operation then fails with a connection error, it runs once
         more on a new connection.
         """
         with self.lock:
@@ -155,7 +158,7 @@ class _VhostConnection:
                 return self._run_once(operation)
 
     def is_open(self) -> bool:
-        """Return whether the connection is open, as far as pika knows."""
+        """Return whether the connection is open, as pika last saw it."""
         return self.connection is not None and self.connection.is_open
 
     def close(self) -> None:
@@ -258,7 +261,7 @@ def tls_context(settings: BrokerSettings) -> ssl.SSLContext:
     context = ssl.create_default_context(cadata=settings.ca_certificate)
     if not settings.tls_verify:
         # NOTE: `verify: false` accepts any certificate, which exposes the
-        # password to whoever can intercept the connection.
+        # password to anyone who can intercept the connection.
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context

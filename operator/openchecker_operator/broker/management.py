@@ -51,7 +51,7 @@ QUEUE_TOTALS_PARAMS = {
     "enable_queue_totals": "true",
     "columns": "name,vhost,messages_ready,messages_unacknowledged",
 }
-# The longest broker reason quoted in an exception message.
+# Maximum length of a broker reason quoted in an exception message.
 REASON_MAX_CHARACTERS = 300
 
 
@@ -63,6 +63,9 @@ class QueueFigures:
     a queue whose statistics are not collected yet (the first seconds after
     a declare), for a queue on an unavailable node, or when the broker runs
     with statistics disabled. None never means zero.
+
+    NOTE: the counts are as old as the broker's last statistics emission,
+    every 5 s by default (`collect_statistics_interval`).
     """
 
     vhost: str
@@ -175,18 +178,18 @@ class ManagementClient:
             raise BrokerRequestFailed(f"GET {path} returned {type(body).__name__}, not a list")
         return [queue_figures(item) for item in body if isinstance(item, dict)]
 
-    def list_queue_totals(self) -> list[QueueFigures]:
+    def list_queue_totals(self, vhost: str | None = None) -> list[QueueFigures]:
         """Return the current ready and unacknowledged counts of every queue, in one request.
 
-        `consumers` is always None: this listing skips the statistics
-        database, which holds the consumer counts. A broker that ignores
-        the query parameters returns the statistics listing instead.
+        With `vhost`, only the queues of that vhost. `consumers` is always
+        None: this listing skips the statistics database, which holds the
+        consumer counts. A broker that ignores the query parameters returns
+        the statistics listing instead.
         """
-        body = self._request("GET", "/api/queues", params=QUEUE_TOTALS_PARAMS)
+        path = "/api/queues" if vhost is None else f"/api/queues/{encode(vhost)}"
+        body = self._request("GET", path, params=QUEUE_TOTALS_PARAMS)
         if not isinstance(body, list):
-            raise BrokerRequestFailed(
-                f"GET /api/queues returned {type(body).__name__}, not a list"
-            )
+            raise BrokerRequestFailed(f"GET {path} returned {type(body).__name__}, not a list")
         return [queue_figures(item) for item in body if isinstance(item, dict)]
 
     def read_queue_figures(self) -> dict[tuple[str, str], QueueFigures]:
@@ -352,7 +355,7 @@ class ManagementClient:
         try:
             return response.json()
         except ValueError:
-            # A proxy in front of the broker may answer with HTML.
+            # A proxy in front of the broker may return HTML.
             raise BrokerRequestFailed(
                 f"{method} {path} returned a body that is not JSON"
             ) from None

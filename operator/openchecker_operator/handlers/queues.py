@@ -191,7 +191,7 @@ def delete_queue(
     memo: kopf.Memo,
     **kwargs: Any,
 ) -> None:
-    """Apply the deletion policy; keep the finalizer while a queue to delete holds messages."""
+    """Apply the deletion policy; keep the finalizer while a queue to delete is not empty."""
     index: kopf.Index[str, DeadLetterUser] = kwargs["dead_letter_queue_index"]
     namespace = namespace or ""
     current = list(status.get("conditions") or [])
@@ -235,7 +235,8 @@ def _other_dead_letter_users(
     """Return "namespace/name" of the other resources whose DLQ is this one's.
 
     A resource whose Secret cannot be read counts as a user, so that a
-    doubt keeps the DLQ.
+    doubt keeps the DLQ. NOTE: the index holds only the namespaces this
+    operator serves; a resource elsewhere that shares the DLQ is not seen.
     """
     users = []
     for user in index.get(target.dead_letter_queue, []):
@@ -263,6 +264,9 @@ def _write_conditions(
 ) -> None:
     # Another handler of the same cycle may have written conditions into
     # the patch already; build on those, so neither loses the other's.
+    # NOTE: the timer and a handler send separate merge patches of the whole
+    # list, so one may overwrite a condition the other just wrote. The next
+    # resync writes it again.
     base = patch.status.get("conditions") or current
     patch.status["conditions"] = merge_conditions(base, updates, generation)
     if generation is not None:
