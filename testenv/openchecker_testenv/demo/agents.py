@@ -75,6 +75,11 @@ class LocalAgentFleet:
         with self._lock:
             return sum(1 for agent in self._agents if not agent.draining)
 
+    def process_count(self) -> int:
+        """Return every agent process that has not exited, draining ones included."""
+        with self._lock:
+            return len(self._agents)
+
     def peak_running(self) -> int:
         with self._lock:
             return self._peak_running
@@ -167,7 +172,7 @@ class LocalAgentFleet:
                 env=self._agent_environment(name),
                 start_new_session=True,
             )
-        logger.info("Started agent %s (pid %d, log %s).", name, popen.pid, log_file)
+        logger.info("Started agent %s (pid %d).", name, popen.pid)
         with self._lock:
             self._agents.append(AgentProcess(name, popen, log_file))
             running = sum(1 for agent in self._agents if not agent.draining)

@@ -56,14 +56,14 @@ class Summary:
             (
                 "processed",
                 str(self.processed),
-                f"results received by the callback server; {self.failed_commands} report "
-                f"a failed command, {self.duplicates} duplicates",
+                f"callbacks received, {self.failed_commands} of them for a failed command; "
+                f"{self.duplicates} duplicates",
             ),
             (
                 "dead-lettered",
                 str(self.dead_lettered),
-                f"in the dead-letter queue (management API); expected "
-                f"{self.expected_dead_lettered}",
+                f"dead-letter queue depth from the management API; "
+                f"{self.expected_dead_lettered} expected",
             ),
             ("lost", str(self.lost), "published - processed - dead-lettered"),
             ("peak replicas", str(self.peak_replicas), "highest spec.replicas the scaler set"),
@@ -95,14 +95,15 @@ def write_plot(samples: Sequence[Sample], path: Path, title: str) -> None:
     messages_axes.plot(seconds, ready, label="ready")
     messages_axes.plot(seconds, unacknowledged, label="unacknowledged")
     messages_axes.plot(seconds, dead_letter, label="dead-letter queue", linestyle="--")
-    messages_axes.set_ylabel("messages")
-    messages_axes.legend(loc="upper right")
+    # The management API refreshes these figures every 5 s, hence the steps.
+    messages_axes.set_ylabel("messages (management API)")
+    messages_axes.legend(loc="best")
     messages_axes.set_title(title)
     replicas_axes.step(seconds, desired, where="post", label="spec.replicas (scaler)")
     replicas_axes.step(seconds, running, where="post", label="running agents", linestyle=":")
     replicas_axes.set_ylabel("replicas")
     replicas_axes.set_xlabel("seconds since the first publish")
-    replicas_axes.legend(loc="upper right")
+    replicas_axes.legend(loc="best")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)

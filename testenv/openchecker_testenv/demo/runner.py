@@ -274,6 +274,7 @@ class DemoRun:
             "replica.",
             flush=True,
         )
+        print(f"Agent logs: {fleet.folder / 'logs'}", flush=True)
         fleet.start()
         self.cleanup.callback(fleet.stop, AGENT_STOP_GRACE_SECONDS)
         return fleet
@@ -321,7 +322,7 @@ class DemoRun:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             latest = recorder.latest()
-            if latest is not None and latest.desired_replicas == 0 and fleet.running_count() == 0:
+            if latest is not None and latest.desired_replicas == 0 and fleet.process_count() == 0:
                 print("The scaler set spec.replicas to 0 and every agent exited.", flush=True)
                 return
             if operator.exit_code() is not None:
