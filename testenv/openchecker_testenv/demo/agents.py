@@ -34,7 +34,7 @@ FOLLOW_INTERVAL_SECONDS = 0.5
 
 @dataclass
 class AgentProcess:
-    """One running agent; `draining` once it received SIGTERM."""
+    """One agent process, `draining` once it received SIGTERM."""
 
     name: str
     popen: subprocess.Popen[bytes]
@@ -106,7 +106,7 @@ class LocalAgentFleet:
                 agent.popen.wait(timeout=remaining)
             except subprocess.TimeoutExpired:
                 self._note_problem(f"{agent.name} did not exit within {grace_seconds:.0f} s")
-                # The agent's own session also holds the commands it runs.
+                # The agent's session also contains the commands it runs.
                 os.killpg(agent.popen.pid, signal.SIGKILL)
                 agent.popen.wait(timeout=5)
         self._reap()
@@ -118,7 +118,7 @@ class LocalAgentFleet:
                 desired = self._read_desired_replicas()
                 self._converge(desired)
             except kubernetes.client.ApiException as error:
-                # The API server may be busy for a moment; the next round retries.
+                # The API server may be busy for a moment, so the next round retries.
                 logger.warning(
                     "Reading %s/%s failed: HTTP %s %s.",
                     self.namespace,
@@ -183,9 +183,9 @@ class LocalAgentFleet:
         # The downward API sets POD_NAME in a pod; the agent names its AMQP
         # connection after it.
         environment["POD_NAME"] = name
-        # Pods each have their own network namespace, so the rendered port
-        # 8080 on 0.0.0.0 would collide between local processes; the demo
-        # does not probe the agents, so their health server stays off.
+        # Pods each have their own network namespace, but local processes
+        # would collide on the rendered port 8080. The demo does not probe
+        # the agents, so their health server stays off.
         environment["OPENCHECKER_AGENT_HEALTH_PORT"] = "0"
         environment["OPENCHECKER_AGENT_WORKDIR"] = str(self.folder / "work" / name)
         return environment
@@ -193,7 +193,7 @@ class LocalAgentFleet:
     def _terminate(self, agent: AgentProcess) -> None:
         agent.draining = True
         if agent.popen.poll() is None:
-            # Like the kubelet, signal only the agent; it stops its commands itself.
+            # Like the kubelet, signal only the agent, which stops its commands itself.
             agent.popen.send_signal(signal.SIGTERM)
 
     def _reap(self) -> None:

@@ -23,7 +23,7 @@ from .options import DemoOptions
 
 logger = logging.getLogger(__name__)
 
-# Where manifests/ installs the operator's identity.
+# The operator's identity as manifests/ installs it.
 OPERATOR_NAMESPACE = "openchecker-system"
 OPERATOR_SERVICE_ACCOUNT = "openchecker-operator"
 CRD_NAME = "opencheckqueues.openchecker.io"
@@ -34,7 +34,7 @@ KUBECTL_TIMEOUT_SECONDS = 120
 
 
 class DemoError(Exception):
-    """A step of the demo failed; the message says which and where to look."""
+    """A failed demo step. The message names the step and where to look."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class DemoEnvironment:
     broker: Broker
     kubectl: Path
     # The environment `make env-up` would manage, when the demo started it
-    # and so stops it at the end; None for a running or an external one.
+    # and so stops it at the end. None for a running or an external one.
     started_layout: StateLayout | None
 
 
@@ -81,7 +81,7 @@ def open_environment(options: DemoOptions, folder: Path) -> DemoEnvironment:
 def kubectl_run(
     demo: DemoEnvironment, *args: str, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run kubectl as the administrator; raise DemoError with its stderr when it fails."""
+    """Run kubectl as the administrator, and raise DemoError with its stderr when it fails."""
     command = [str(demo.kubectl), f"--kubeconfig={demo.control_plane.kubeconfig}", *args]
     result = subprocess.run(
         command,
@@ -103,7 +103,7 @@ def render_manifests(demo: DemoEnvironment, manifests: Path) -> list[dict[str, A
 
 
 def install_manifests(demo: DemoEnvironment, manifests: Path) -> list[str]:
-    """Apply manifests/ except the operator Deployment; return the applied kind/name list.
+    """Apply manifests/ except the operator Deployment, and return the objects as kind/name.
 
     The operator runs here as a local process instead, because no container
     runtime can run its pod.
@@ -131,7 +131,7 @@ def create_namespace(api_client: kubernetes.client.ApiClient, name: str) -> None
 
 
 def delete_namespace(api_client: kubernetes.client.ApiClient, name: str) -> None:
-    """Delete the namespace without waiting; one already gone is fine."""
+    """Delete the namespace without waiting. A namespace already gone is fine."""
     try:
         kubernetes.client.CoreV1Api(api_client).delete_namespace(name)
     except kubernetes.client.ApiException as error:
@@ -181,7 +181,7 @@ def wait_for_ready_condition(
     name: str,
     timeout_seconds: float,
 ) -> None:
-    """Wait for the resource's Ready condition to be True; raise DemoError on timeout."""
+    """Wait for the resource's Ready condition to be True, or raise DemoError on timeout."""
     deadline = time.monotonic() + timeout_seconds
     condition = None
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ def default_plot_path() -> Path:
 
 @dataclass(frozen=True)
 class DemoOptions:
-    """What the demo publishes, how the fleet scales, and which servers it uses."""
+    """Settings of one demo run: the messages, the scaling, and the servers to use."""
 
     messages: int
     # Seconds each successful check request keeps an agent busy.
@@ -50,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--messages", type=int, default=60, help="check requests to publish (default: 60)"
     )
+
     parser.add_argument(
         "--task-seconds",
         type=float,
         default=2.0,
         help="seconds each successful check request runs (default: 2)",
     )
+
     parser.add_argument(
         "--max-replicas", type=int, default=6, help="spec.scaling.maxReplicas (default: 6)"
     )
@@ -77,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="spec.scaling.scaleDownStabilizationSeconds (default: 10)",
     )
+
     parser.add_argument(
         "--table-interval-seconds",
         type=float,
@@ -95,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where to write the PNG plot (default: docs/demo.png in the checkout)",
     )
+
     environment = parser.add_argument_group(
         "existing environment",
         "Use these servers instead of the `make env-up` environment; give all three.",

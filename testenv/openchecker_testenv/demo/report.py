@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Summary:
-    """What became of the published messages, each count from its own source."""
+    """Outcome counts of the published messages, each taken from its own source."""
 
     published: int
     # Distinct task ids whose results reached the callback server.
@@ -27,7 +27,7 @@ class Summary:
     duplicates: int
     peak_replicas: int
     # Seconds from the first publish until every message was processed or
-    # dead-lettered; None when that never happened.
+    # dead-lettered, or None when that never happened.
     drain_seconds: float | None
 
     @property
@@ -36,7 +36,7 @@ class Summary:
         return self.published - self.processed - self.dead_lettered
 
     def problems(self) -> list[str]:
-        """Return what went wrong, as sentences; empty when the run was clean."""
+        """Return the run's problems as sentences, or an empty list for a clean run."""
         problems = []
         if self.lost != 0:
             problems.append(f"{self.lost} messages were lost")

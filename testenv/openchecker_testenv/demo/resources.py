@@ -24,7 +24,7 @@ UNKNOWN_COMMAND = "no-such-command"
 
 
 class Outcome(enum.Enum):
-    """What should become of a published check request."""
+    """The expected fate of a published check request."""
 
     # The agent runs it and posts the results.
     PROCESSED = "processed"

@@ -45,7 +45,7 @@ class ResultServer:
 
     @property
     def url(self) -> str:
-        """Base URL of the results endpoint; agents post to `<url>/<task_id>`."""
+        """Base URL of the results endpoint. Agents post to `<url>/<task_id>`."""
         return f"http://{LOOPBACK}:{self._server.server_address[1]}{RESULTS_PATH}"
 
     def start(self) -> None:
@@ -101,7 +101,7 @@ class ResultServer:
         return ResultHandler
 
     def handle_post(self, request: BaseHTTPRequestHandler) -> HTTPStatus:
-        """Record one callback and return the HTTP status to answer with."""
+        """Record one callback and return the HTTP status to respond with."""
         prefix = f"{RESULTS_PATH}/"
         task_id = request.path[len(prefix) :] if request.path.startswith(prefix) else ""
         length = int(request.headers.get("Content-Length") or 0)

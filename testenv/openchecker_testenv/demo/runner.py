@@ -64,7 +64,7 @@ def step(text: str) -> None:
 
 
 class DemoRun:
-    """One run of the demo; `cleanup` stops what it started, in reverse order."""
+    """One run of the demo. `cleanup` stops what it started, in reverse order."""
 
     def __init__(self, options: DemoOptions, name: str, folder: Path) -> None:
         self.options = options
@@ -287,7 +287,7 @@ class DemoRun:
         published: int,
         published_at: float,
     ) -> float | None:
-        """Wait until every message was processed or dead-lettered; return the seconds."""
+        """Wait until every message was processed or dead-lettered, and return the seconds."""
         deadline = published_at + self.options.timeout_seconds
         parameters = pika.URLParameters(demo.broker.amqp_url(vhost))
         connection = pika.BlockingConnection(parameters)
@@ -388,16 +388,19 @@ def work_folder(run_name: str) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
+
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     logging.getLogger("pika").setLevel(logging.WARNING)
+
     run_name = f"openchecker-demo-{uuid.uuid4().hex[:6]}"
     folder = work_folder(run_name)
     demo = DemoRun(options, run_name, folder)
     summary: Summary | None = None
+
     try:
         with demo.cleanup:
             summary = demo.run()
@@ -413,6 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.problems.append(f"a request to RabbitMQ failed: {error!r}")
     except KeyboardInterrupt:
         demo.problems.append("interrupted")
+
     if summary is not None:
         print("\n" + summary.format(), flush=True)
         demo.problems.extend(summary.problems())
