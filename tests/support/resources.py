@@ -192,3 +192,12 @@ def create_secret(
         metadata=kubernetes.client.V1ObjectMeta(name=name), data=encoded, type="Opaque"
     )
     kubernetes.client.CoreV1Api(kube_api).create_namespaced_secret(namespace, body)
+
+
+def close_connection(broker: Broker, name: str) -> None:
+    """Make the broker close one client connection, as an administrator would."""
+    path = f"/api/connections/{quote(name, safe='')}"
+    with broker.management_session() as session:
+        response = session.delete(f"{broker.management_url}{path}")
+    if response.status_code != 404:
+        response.raise_for_status()
