@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 KUBECTL ?= kubectl
 
-.PHONY: venv binaries env-up env-down test unit lint bench bench-env-up bench-agent demo install run deploy
+.PHONY: venv binaries env-up env-down test unit lint bench bench-env-up bench-scaler bench-agent demo install run deploy
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,7 @@ test: venv lint
 	$(PY) -m pytest
 
 ## bench: every benchmark under bench/; each adds itself as a prerequisite.
-bench: bench-env-up bench-agent
+bench: bench-env-up bench-agent bench-scaler
 
 ## bench-env-up: warm start time of the control plane and the broker.
 bench-env-up: venv
@@ -54,6 +54,11 @@ bench-env-up: venv
 ## bench-agent: agent throughput against a bare pika consumer, and idle memory.
 bench-agent: venv
 	$(PY) bench/agent_throughput.py
+
+## bench-scaler: scaler cost per poll cycle for 1 to 1,000 resources, and publish-to-replicas time.
+bench-scaler: venv
+	$(PY) bench/scaler_cycle.py
+	$(PY) bench/scaler_reaction.py
 
 ## install: install the CRD into the cluster of the current KUBECONFIG.
 install:
