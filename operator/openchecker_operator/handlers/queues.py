@@ -151,6 +151,8 @@ def _reconcile(
         _write_conditions(patch, current, [condition], generation)
         if _changed(current, condition):
             kopf.warn(body, reason=error.reason, message=str(error))
+        if reconcile_kind == "resync":
+            return
         raise
     except BrokerError as error:
         conditions = error_conditions(report, error)
@@ -161,20 +163,26 @@ def _reconcile(
         error.delay = backoff_delay(error, retry)
         raise
 
+    _write_success(body, patch, current, report, version, generation)
+
+
+def _write_success(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    current: list[Mapping[str, Any]],
+    report: ReconcileReport,
+    broker_version: str,
+    generation: int | None,
+) -> None:
+    """Post the Events of a finished reconcile and write its conditions and figures."""
     _post_declare_events(body, report)
-    conditions = success_conditions(report, version)
+    conditions = success_conditions(report, broker_version)
     _post_change_events(body, current, conditions, report)
     _write_conditions(patch, current, conditions, generation)
     policy = report.policy.name if report.policy else None
-    dead_letter = report.dead_letter
-    patch.status.update(
-        queue_status(
-            target,
-            policy,
-            report.queue.figures if report.queue else None,
-            dead_letter.figures if dead_letter else None,
-        )
-    )
+    queue_figures = report.queue.figures if report.queue else None
+    dead_letter_figures = report.dead_letter.figures if report.dead_letter else None
+    patch.status.update(queue_status(report.target, policy, queue_figures, dead_letter_figures))
     patch.status["lastResyncTime"] = now_timestamp()
 
 
