@@ -18,6 +18,8 @@ MESSAGES = 20
 # request for an unknown command, both dead-lettered.
 EXPECTED_DEAD_LETTERED = 4
 DEMO_TIMEOUT_SECONDS = 240
+# Seconds the demo gets after SIGTERM to stop its agents and its operator.
+STOP_TIMEOUT_SECONDS = 60
 
 
 def summary_figure(output: str, name: str) -> int:
@@ -27,7 +29,23 @@ def summary_figure(output: str, name: str) -> int:
     return int(match.group(1))
 
 
-@pytest.mark.timeout(DEMO_TIMEOUT_SECONDS + 30)
+def run_demo(command: list[str], environment: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the demo; on timeout stop it with SIGTERM, so it stops its agents and operator."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=DEMO_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.terminate()
+            stdout, stderr = process.communicate(timeout=STOP_TIMEOUT_SECONDS)
+            pytest.fail(
+                f"The demo did not finish within {DEMO_TIMEOUT_SECONDS} s:\n{stdout}{stderr}"
+            )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.timeout(DEMO_TIMEOUT_SECONDS + STOP_TIMEOUT_SECONDS + 30)
 def test_short_demo_loses_nothing(
     control_plane: ControlPlane,
     broker: Broker,
@@ -56,14 +74,7 @@ def test_short_demo_loses_nothing(
     ]
     # The demo keeps its logs and the agents' config.ini under the state folder.
     environment = {**os.environ, STATE_DIR_VARIABLE: str(tmp_path / "state")}
-    result = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        env=environment,
-        timeout=DEMO_TIMEOUT_SECONDS,
-        check=False,
-    )
+    result = run_demo(command, environment)
     output = result.stdout + result.stderr
 
     assert result.returncode == 0, output

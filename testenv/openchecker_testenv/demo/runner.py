@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 import kubernetes
 import pika
@@ -386,8 +388,19 @@ def work_folder(run_name: str) -> Path:
     return folder
 
 
+class Terminated(Exception):
+    """The demo received SIGTERM."""
+
+
+def _raise_terminated(signal_number: int, frame: FrameType | None) -> None:
+    # The exception unwinds through the cleanup stack, so the agents and the
+    # operator, which run in their own sessions, are stopped too.
+    raise Terminated()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = parse_options(argv)
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
     logging.basicConfig(
         level=logging.INFO,
@@ -416,6 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo.problems.append(f"a request to RabbitMQ failed: {error!r}")
     except KeyboardInterrupt:
         demo.problems.append("interrupted")
+    except Terminated:
+        demo.problems.append("stopped by SIGTERM")
 
     if summary is not None:
         print("\n" + summary.format(), flush=True)
