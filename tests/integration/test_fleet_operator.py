@@ -293,3 +293,37 @@ def test_delete_removes_fleet(
         60,
         message="the config Secret outlived its OpenCheckQueue",
     )
+
+
+@pytest.mark.timeout(150)
+def test_restart_keeps_replicas_for_window(
+    vhost: str,
+    channel: Any,
+    cluster: Cluster,
+    broker_secret: str,
+    operator_process: Any,
+) -> None:
+    name = "restarted"
+    window = 8.0
+    declare_queues(channel, name)
+    cluster.create(
+        queue_resource(name, broker_secret, vhost, {"scaleDownStabilizationSeconds": window})
+    )
+    wait_for_replicas(cluster, name, 0, 30)
+    for _ in range(40):
+        channel.basic_publish("", name, b"{}")
+    wait_for_replicas(cluster, name, 4, 2 * POLL_SECONDS + SLACK_SECONDS)
+
+    # Drained while the operator is down: the new process knows no
+    # history, so it must treat the current 4 as a fresh recommendation.
+    operator_process.stop()
+    consume_all(channel, name, 40)
+    operator_process.start()
+    restarted = time.monotonic()
+
+    counts: set[int | None] = set()
+    while time.monotonic() - restarted < window - 2 * POLL_SECONDS:
+        counts.add(cluster.replicas(name))
+        time.sleep(0.1)
+    assert counts == {4}
+    wait_for_replicas(cluster, name, 0, window + 2 * POLL_SECONDS + SLACK_SECONDS)
