@@ -257,7 +257,7 @@ async def create_fleets(
 
     await asyncio.gather(*(build(resource) for resource in resources))
     for clients in brokers.known():
-        # The management client's own session; the hook sees every request.
+        # The hook on the management client's own session counts every request.
         clients.management._session.hooks["response"].append(counter)
     return registry, counter
 

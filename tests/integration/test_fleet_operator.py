@@ -314,7 +314,7 @@ def test_restart_keeps_replicas_for_window(
         channel.basic_publish("", name, b"{}")
     wait_for_replicas(cluster, name, 4, 2 * POLL_SECONDS + SLACK_SECONDS)
 
-    # Drained while the operator is down: the new process knows no
+    # Drained while the operator is down: the new process has no
     # history, so it must treat the current 4 as a fresh recommendation.
     operator_process.stop()
     consume_all(channel, name, 40)
