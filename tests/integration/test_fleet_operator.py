@@ -327,3 +327,34 @@ def test_restart_keeps_replicas_for_window(
         time.sleep(0.1)
     assert counts == {4}
     wait_for_replicas(cluster, name, 0, window + 2 * POLL_SECONDS + SLACK_SECONDS)
+
+
+@pytest.mark.timeout(120)
+def test_deleted_deployment_is_recreated(
+    vhost: str,
+    channel: Any,
+    cluster: Cluster,
+    broker_secret: str,
+    operator_process: Any,
+) -> None:
+    name = "recreated"
+    declare_queues(channel, name)
+    cluster.create(queue_resource(name, broker_secret, vhost, {"minReplicas": 2}))
+    wait_for_replicas(cluster, name, 2, 30)
+    first = cluster.deployment(name)
+    assert first is not None
+
+    cluster.apps.delete_namespaced_deployment(f"{name}-agent", cluster.namespace)
+
+    def replacement() -> Any | None:
+        deployment = cluster.deployment(name)
+        if deployment is None or deployment.metadata.uid == first.metadata.uid:
+            return None
+        return deployment
+
+    second = wait_for(replacement, 30, message="the deleted Deployment was not created again")
+    assert second.spec.replicas == 2
+    owners = second.metadata.owner_references
+    assert [(owner.kind, owner.name, owner.controller) for owner in owners] == [
+        ("OpenCheckQueue", name, True)
+    ]
