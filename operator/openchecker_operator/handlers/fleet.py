@@ -20,7 +20,7 @@ import kopf
 
 from .. import fleet as fleet_service
 from ..agentconfig import ConfigRenderError
-from ..errors import SecretNotFound, SpecInvalid
+from ..errors import BrokerError, SecretNotFound, SpecInvalid
 from ..kube import (
     RESOURCE_GROUP,
     RESOURCE_KIND,
@@ -75,8 +75,16 @@ async def resync_agent_fleet(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    """Reconcile the fleet again, for Secret rotation and drift."""
-    await reconcile(body, spec, name, require_namespace(namespace, name), uid, memo)
+    """Reconcile the fleet again, for Secret rotation and drift.
+
+    An invalid spec or connection Secret is already reported by the queue
+    reconciler's conditions, so here it is only logged, once per interval,
+    instead of failing the timer.
+    """
+    try:
+        await reconcile(body, spec, name, require_namespace(namespace, name), uid, memo)
+    except (SpecInvalid, BrokerError) as error:
+        logger.warning("Resync of the agent fleet of %s/%s skipped: %s", namespace, name, error)
 
 
 @kopf.on.event(RESOURCE_GROUP, RESOURCE_VERSION, RESOURCE_PLURAL)
