@@ -111,6 +111,11 @@ def spec_replicas(kube_api: kubernetes.client.ApiClient, namespace: str, name: s
     return int(scale.spec.replicas or 0)
 
 
+def scaled_messages(kube_api: kubernetes.client.ApiClient, namespace: str) -> list[str]:
+    events = kubernetes.client.CoreV1Api(kube_api).list_namespaced_event(namespace)
+    return [event.message for event in events.items if event.reason == "Scaled"]
+
+
 async def wait_until(predicate: Any, timeout_seconds: float, message: str) -> float:
     """Await until `predicate()` is true; return the seconds it took."""
     start = time.monotonic()
@@ -166,14 +171,23 @@ def test_scaler_follows_backlog(
                 "replicas did not return to 0",
             )
             assert time.monotonic() - emptied >= WINDOW_SECONDS - POLL_SECONDS
+            # The scaler posts the Event after the scale; wait for it before the
+            # task is cancelled, or the cancel can cut the post short.
+            await wait_until(
+                lambda: any(
+                    message.startswith("Scaled from 4 to 0")
+                    for message in scaled_messages(kube_api, namespace)
+                ),
+                10,
+                "no Event for the scale down to 0",
+            )
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(scenario())
 
-    events = kubernetes.client.CoreV1Api(kube_api).list_namespaced_event(namespace)
-    scaled = [event.message for event in events.items if event.reason == "Scaled"]
+    scaled = scaled_messages(kube_api, namespace)
     assert any(message.startswith("Scaled from 0 to 4: backlog 40") for message in scaled), scaled
     assert any(message.startswith("Scaled from 4 to 0") for message in scaled), scaled
 
