@@ -31,6 +31,7 @@ import kopf
 from .fleet import FleetSpec
 from .kube import RESOURCE_GROUP, RESOURCE_KIND, RESOURCE_VERSION, KubeClient, ObjectReference
 from .scaling import Decision, QueueFigures, ScalingPolicy, ScalingState, decide
+from .status import figures_status
 from .workloads import deployment_name
 
 logger = logging.getLogger(__name__)
@@ -499,19 +500,7 @@ def build_status(
     replicas: DeploymentReplicas | None,
 ) -> dict[str, Any]:
     """Return the status fields the scaler owns; unknown figures are left out."""
-    status: dict[str, Any] = {}
-    messages: dict[str, int] = {}
-    if figures is not None:
-        if figures.ready is not None:
-            messages["ready"] = figures.ready
-        if figures.unacknowledged is not None:
-            messages["unacknowledged"] = figures.unacknowledged
-        if figures.consumers is not None:
-            status["consumers"] = figures.consumers
-    if dead_letter is not None and dead_letter.ready is not None:
-        messages["deadLetter"] = dead_letter.ready + (dead_letter.unacknowledged or 0)
-    if messages:
-        status["messages"] = messages
+    status = figures_status(figures, dead_letter)
 
     failures = progress.state.consecutive_failures if progress.state else 0
     replica_status: dict[str, Any] = {"readFailures": failures}

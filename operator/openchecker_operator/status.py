@@ -6,7 +6,7 @@ and write the result with kopf's patch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from .broker.management import QueueFigures
 from .conditions import (
@@ -152,6 +152,31 @@ def queue_status(
             "policy": policy_name or "",
         }
     }
+    status.update(figures_status(figures, dead_letter_figures))
+    return status
+
+
+class QueueCounts(Protocol):
+    """The counts of one queue, each None when the broker did not report it."""
+
+    @property
+    def ready(self) -> int | None: ...
+
+    @property
+    def unacknowledged(self) -> int | None: ...
+
+    @property
+    def consumers(self) -> int | None: ...
+
+
+def figures_status(
+    figures: QueueCounts | None, dead_letter_figures: QueueCounts | None
+) -> dict[str, Any]:
+    """Return the `messages` and `consumers` status fields; unreported counts are left out.
+
+    Both the resync timer and the scaler write these fields, so they build them here alike.
+    """
+    status: dict[str, Any] = {}
     messages: dict[str, int] = {}
     if figures is not None:
         if figures.ready is not None:

@@ -32,7 +32,7 @@ from ..kube import (
 from ..models import BrokerSettings, OpenCheckQueueSpec, broker_settings_from_secret, parse_spec
 from ..scaler import FleetRegistry, ResourceKey, ScaleTarget
 from ..workloads import AGENT_NAME, INSTANCE_LABEL, NAME_LABEL, Owner
-from .lifecycle import broker_registry
+from .lifecycle import broker_registry, memo_item
 
 logger = logging.getLogger(__name__)
 
@@ -245,16 +245,8 @@ def require_namespace(namespace: str | None, name: str) -> str:
 
 
 def fleet_registry(memo: kopf.Memo) -> FleetRegistry:
-    """Return the FleetRegistry the startup handler put into `memo`."""
-    registry = memo.get("fleet")
-    if not isinstance(registry, FleetRegistry):
-        raise kopf.TemporaryError("The operator is still starting: no fleet registry yet.", 5)
-    return registry
+    return memo_item(memo, "fleet", FleetRegistry)
 
 
 def kube_client(memo: kopf.Memo) -> KubeClient:
-    """Return the KubeClient the startup handler put into `memo`."""
-    kube = memo.get("kube")
-    if not isinstance(kube, KubeClient):
-        raise kopf.TemporaryError("The operator is still starting: no API client yet.", 5)
-    return kube
+    return memo_item(memo, "kube", KubeClient)

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 import kubernetes
@@ -32,6 +32,8 @@ from ..broker.registry import BrokerRegistry
 from ..kube import KubeClient
 from ..scaler import FleetRegistry, Scaler
 from ..settings import OperatorSettings
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -146,33 +148,31 @@ def create_api_client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient(configuration)
 
 
+def memo_item(memo: kopf.Memo, key: str, kind: type[T]) -> T:
+    """Return the object the startup handler put into `memo` under `key`.
+
+    Raises kopf.TemporaryError while startup has not stored it yet, so the
+    handler that asked is retried instead of failing.
+    """
+    item = memo.get(key)
+    if not isinstance(item, kind):
+        raise kopf.TemporaryError(
+            f"The operator is still starting: no {kind.__name__} in memo yet.", 5
+        )
+    return item
+
+
 def broker_registry(memo: kopf.Memo) -> BrokerRegistry:
-    """Return the BrokerRegistry the startup handler put into `memo`."""
-    registry = memo.get("brokers")
-    if not isinstance(registry, BrokerRegistry):
-        raise kopf.TemporaryError("The operator is still starting: no broker registry yet.", 5)
-    return registry
+    return memo_item(memo, "brokers", BrokerRegistry)
 
 
 def operator_settings(memo: kopf.Memo) -> OperatorSettings:
-    """Return the OperatorSettings in `memo`."""
-    settings = memo.get("settings")
-    if not isinstance(settings, OperatorSettings):
-        raise kopf.TemporaryError("The operator is still starting: no settings yet.", 5)
-    return settings
+    return memo_item(memo, "settings", OperatorSettings)
 
 
 def api_client(memo: kopf.Memo) -> kubernetes.client.ApiClient:
-    """Return the blocking kubernetes ApiClient in `memo`."""
-    client = memo.get("api_client")
-    if not isinstance(client, kubernetes.client.ApiClient):
-        raise kopf.TemporaryError("The operator is still starting: no API client yet.", 5)
-    return client
+    return memo_item(memo, "api_client", kubernetes.client.ApiClient)
 
 
 def resource_locks(memo: kopf.Memo) -> ResourceLocks:
-    """Return the ResourceLocks in `memo`."""
-    locks = memo.get("resource_locks")
-    if not isinstance(locks, ResourceLocks):
-        raise kopf.TemporaryError("The operator is still starting: no resource locks yet.", 5)
-    return locks
+    return memo_item(memo, "resource_locks", ResourceLocks)
