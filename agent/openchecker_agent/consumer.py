@@ -220,7 +220,7 @@ class Consumer:
         # NOTE: RabbitMQ 3.10 has only the node-wide consumer_timeout (30 min
         # by default); a task that keeps its delivery unacked longer gets the channel
         # closed with PRECONDITION_FAILED, lands here, and is redelivered
-        # after the reconnect. Per-queue consumer timeouts need RabbitMQ 3.12.
+        # after the reconnect. Per-queue consumer timeouts need RabbitMQ 3.11.15.
         if self._channel is not None and self._channel.is_open:
             return
         # NOTE: BlockingChannel exposes the close reason only as a private
