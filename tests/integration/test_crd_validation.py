@@ -68,6 +68,12 @@ def base(**spec: Any) -> dict[str, Any]:
             {"agent": {"terminationGracePeriodSeconds": 30, "drainTimeoutSeconds": 30}},
             "agent.drainTimeoutSeconds must be less than agent.terminationGracePeriodSeconds",
         ),
+        (
+            # An integer below a fractional minimum passes the OpenAPI check of
+            # kube-apiserver 1.36, so a CEL rule has to reject it.
+            {"scaling": {"pollIntervalSeconds": 0}},
+            "scaling.pollIntervalSeconds must be at least 0.5",
+        ),
         ({"queue": {"type": "stream"}}, 'Unsupported value: "stream"'),
         ({"deletionPolicy": "Purge"}, 'Unsupported value: "Purge"'),
     ],
