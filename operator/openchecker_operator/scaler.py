@@ -222,10 +222,17 @@ class FleetRegistry:
         return reader
 
     def register(self, target: ScaleTarget, fleet: FleetSpec | None = None) -> None:
-        """Add or update a resource; a changed poll interval applies from the next poll."""
+        """Add or update a resource; a changed poll interval applies from the next poll.
+
+        Drops the readers that no resource uses any more, such as the reader
+        of a password that the Secret no longer contains.
+        """
         self.targets[target.key] = target
         if fleet is not None:
             self.fleets[target.key] = fleet
+        used = {item.broker_key for item in self.targets.values()}
+        for broker_key in [key for key in self.readers if key not in used]:
+            del self.readers[broker_key]
 
     def unregister(self, key: ResourceKey) -> None:
         """Forget a deleted resource."""

@@ -22,6 +22,7 @@ import pytest
 from openchecker_agent.config import load_settings
 from openchecker_testenv.broker import Broker
 from support import wait_for
+from support.resources import create_secret
 
 GROUP = "openchecker.io"
 VERSION = "v1alpha1"
@@ -358,3 +359,51 @@ def test_deleted_deployment_is_recreated(
     assert [(owner.kind, owner.name, owner.controller) for owner in owners] == [
         ("OpenCheckQueue", name, True)
     ]
+
+
+@pytest.mark.timeout(90)
+def test_wrong_password_reads_no_figures(
+    broker: Broker,
+    vhost: str,
+    channel: Any,
+    cluster: Cluster,
+    broker_secret: str,
+    kube_api: kubernetes.client.ApiClient,
+    namespace: str,
+    operator_process: Any,
+) -> None:
+    # The same broker and user as broker_secret, with a wrong password.
+    wrong_secret = "wrong-password"
+    create_secret(
+        kube_api,
+        namespace,
+        wrong_secret,
+        {
+            "host": broker.host,
+            "port": str(broker.amqp_port),
+            "username": broker.username,
+            "password": f"not-{broker.password}",
+            "management_url": broker.management_url,
+        },
+    )
+    declare_queues(channel, "trusted")
+    declare_queues(channel, "untrusted")
+    for _ in range(30):
+        channel.basic_publish("", "untrusted", b"{}")
+
+    # Created together, both resources are polled in the same scaler cycles.
+    cluster.create(queue_resource("trusted", broker_secret, vhost))
+    cluster.create(queue_resource("untrusted", wrong_secret, vhost))
+    wait_for(
+        lambda: "lastPollTime" in cluster.status("trusted"),
+        30,
+        message="the scaler never polled the resource with the right password",
+    )
+    time.sleep(3 * POLL_SECONDS + SLACK_SECONDS)
+
+    trusted = cluster.status("trusted")
+    untrusted = cluster.status("untrusted")
+    assert trusted["replicas"]["readFailures"] == 0
+    assert "messages" not in untrusted
+    assert untrusted.get("replicas", {}).get("desired", 0) == 0
+    assert cluster.replicas("untrusted") == 0

@@ -162,8 +162,10 @@ async def reconcile(
         vhost=fleet.connection.vhost,
         queue=fleet.options.queue,
         dead_letter_queue=parsed.dead_letter_queue_name(name),
-        broker_key=broker.identity,
-        reader=registry.reader_for(broker.identity, clients.management),
+        # The whole settings, password included: resources share a read only
+        # when their credentials match, so a wrong password never gets figures.
+        broker_key=broker,
+        reader=registry.reader_for(broker, clients.management),
         policy=fleet.policy,
         poll_interval_seconds=parsed.scaling.poll_interval_seconds,
     )
