@@ -74,6 +74,21 @@ def base(**spec: Any) -> dict[str, Any]:
             {"scaling": {"pollIntervalSeconds": 0}},
             "scaling.pollIntervalSeconds must be at least 0.5",
         ),
+        # The agent compares each entry with the callback URL's host name, so an
+        # entry with a port or scheme never matches, and a comma stops the
+        # operator from rendering config.ini.
+        (
+            {"agent": {"callbackAllowedHosts": ["api.example.org:8443"]}},
+            "callbackAllowedHosts entries must be host names or IP addresses",
+        ),
+        (
+            {"agent": {"callbackAllowedHosts": ["https://api.example.org"]}},
+            "callbackAllowedHosts entries must be host names or IP addresses",
+        ),
+        (
+            {"agent": {"callbackAllowedHosts": ["a.example.org,b.example.org"]}},
+            "callbackAllowedHosts entries must be host names or IP addresses",
+        ),
         ({"queue": {"type": "stream"}}, 'Unsupported value: "stream"'),
         ({"deletionPolicy": "Purge"}, 'Unsupported value: "Purge"'),
     ],
@@ -148,6 +163,24 @@ def test_default_dead_letter_name_may_be_written_out(
     apply_manifest(
         kubectl, base(queue={"name": "work"}, deadLetterQueue={"name": "work.dlq"}), namespace
     )
+
+
+@pytest.mark.parametrize("host", ["api.example.org", "192.0.2.10", "::1", "fd00::1:8443"])
+def test_callback_host_accepted(
+    kubectl: Kubectl, namespace: str, opencheckqueue_crd: str, host: str
+) -> None:
+    result = kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "--dry-run=server",
+        "-f",
+        "-",
+        input=yaml.safe_dump(base(agent={"callbackAllowedHosts": [host]})),
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
 
 
 def test_limits_change_accepted(kubectl: Kubectl, namespace: str, opencheckqueue_crd: str) -> None:
