@@ -24,6 +24,13 @@ from .metrics import AgentMetrics
 
 logger = logging.getLogger(__name__)
 
+# pika's loggers of the connection workflow; see _configure_logging.
+QUIET_PIKA_LOGGERS = (
+    "pika.adapters.blocking_connection",
+    "pika.adapters.utils.connection_workflow",
+    "pika.adapters.utils.io_services_utils",
+)
+
 EXIT_OK = 0
 EXIT_CRASHED = 1
 EXIT_CONFIG_ERROR = 2
@@ -137,7 +144,10 @@ def _parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="the agent's log level (default: INFO); pika logs at WARNING and above",
+        help=(
+            "the agent's log level (default: INFO); pika logs at WARNING and above, "
+            "except for failed connection attempts, which the agent logs itself"
+        ),
     )
     return parser.parse_args(argv)
 
@@ -150,3 +160,7 @@ def _configure_logging(level: str) -> None:
     )
     # pika logs every connection step at INFO; the agent logs the ones that matter.
     logging.getLogger("pika").setLevel(logging.WARNING)
+    # A failed connection attempt makes these log five ERROR lines and a
+    # traceback; the agent logs the attempt and its cause in one line instead.
+    for name in QUIET_PIKA_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)

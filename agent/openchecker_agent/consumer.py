@@ -467,7 +467,17 @@ class Consumer:
 
 
 def _describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    text = str(error)
+    if not text:
+        # pika's connection errors print as an empty string and keep their
+        # cause, such as a refused TCP connection, as the first argument
+        # (AMQPConnectionError) or in `exception` (the connection workflow's errors).
+        cause = getattr(error, "exception", None)
+        if cause is None and error.args:
+            cause = error.args[0]
+        if isinstance(cause, BaseException):
+            return _describe(cause)
+    return f"{type(error).__name__}: {text}"
 
 
 def _access_error_message(error: BaseException) -> str:

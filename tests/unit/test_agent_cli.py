@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,37 @@ def test_missing_config_exits_2(tmp_path: Path) -> None:
 
     assert result.returncode == EXIT_CONFIG_ERROR
     assert "cannot read the config file" in result.stderr
+
+
+def closed_loopback_port() -> int:
+    """Return a loopback port that nothing listens on, as far as a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_broker_logs_one_line_per_attempt(tmp_path: Path) -> None:
+    config = tmp_path / "config.ini"
+    config.write_text(
+        f"[RabbitMQ]\nhost = 127.0.0.1\nport = {closed_loopback_port()}\n"
+        "username = u\npassword = p\n[Agent]\nqueue = q\nhealth_port = 0\n"
+    )
+
+    with subprocess.Popen(
+        [sys.executable, "-m", "openchecker_agent", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as agent:
+        time.sleep(3)
+        agent.send_signal(signal.SIGTERM)
+        _, stderr = agent.communicate(timeout=30)
+
+    lines = stderr.strip().splitlines()
+    attempts = [line for line in lines if "reconnecting in" in line]
+    assert attempts, stderr
+    assert "Traceback" not in stderr
+    assert "Connection refused" in attempts[0]
+    assert "pika" not in stderr
+    assert len(lines) <= len(attempts) + 3, stderr
