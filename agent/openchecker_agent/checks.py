@@ -8,12 +8,15 @@ a shell, so a crafted `project_url` stays one argument.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -151,6 +154,64 @@ def _run_commands(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+class TaskAbandonedError(RuntimeError):
+    """The agent stopped and killed the task's command; the message was requeued."""
+
+
+class RunningCommands:
+    """Command processes of the built-in handler that have not exited yet; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._processes: set[subprocess.Popen[bytes]] = set()
+        # Set by kill_all: a killed command's task must not post results.
+        self.stopped = threading.Event()
+
+    def add(self, process: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._processes.add(process)
+        # A command that started while kill_all ran is killed here instead.
+        if self.stopped.is_set():
+            _kill_process_group(process)
+
+    def discard(self, process: subprocess.Popen[bytes]) -> None:
+        with self._lock:
+            self._processes.discard(process)
+
+    def kill_all(self) -> int:
+        """Kill the process group of every running command; return how many were running."""
+        self.stopped.set()
+        with self._lock:
+            processes = list(self._processes)
+        for process in processes:
+            _kill_process_group(process)
+        return len(processes)
+
+
+# The handler is a plain function called from worker threads, so the agent's
+# stop reaches its commands through this module-level registry.
+RUNNING_COMMANDS = RunningCommands()
+
+
+def stop_running_commands() -> int:
+    """Kill the commands of tasks still running, such as those past the drain timeout.
+
+    Returns how many commands were running. Their tasks were requeued, so a
+    command left running would work beside the agent that takes the message
+    next.
+    """
+    return RUNNING_COMMANDS.kill_all()
+
+
+def _kill_process_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        # Reaped already: its process group id may belong to another process now.
+        return
+    # ProcessLookupError: the group has exited already.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def _run_command(
     command: CommandSettings, values: Mapping[str, str], workdir: Path
 ) -> dict[str, Any]:
@@ -165,29 +226,39 @@ def _run_command(
     }
     started = time.monotonic()
     try:
-        completed = subprocess.run(
+        # A session of its own makes the program and its children one process
+        # group, which a timeout or the agent's stop kills as a whole.
+        process = subprocess.Popen(
             argv,
             cwd=workdir,
             env=_command_environment(),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=command.timeout_s,
-            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
         )
-    except subprocess.TimeoutExpired as error:
-        # subprocess.run has killed the program; what it printed is kept.
-        result.update(timed_out=True, stdout=_tail(error.stdout), stderr=_tail(error.stderr))
-        result["error"] = f"timed out after {command.timeout_s:g} s"
     except OSError as error:
         # The program is missing or not executable: a configuration problem
         # that the results report instead of failing the whole task.
         result["error"] = f"cannot run {argv[0]!r}: {error.strerror or error}"
     else:
-        result.update(
-            exit_code=completed.returncode,
-            stdout=_tail(completed.stdout),
-            stderr=_tail(completed.stderr),
-        )
+        RUNNING_COMMANDS.add(process)
+        try:
+            stdout, stderr = process.communicate(timeout=command.timeout_s)
+        except subprocess.TimeoutExpired:
+            # What the program printed before the kill is kept.
+            _kill_process_group(process)
+            stdout, stderr = process.communicate()
+            result.update(timed_out=True, stdout=_tail(stdout), stderr=_tail(stderr))
+            result["error"] = f"timed out after {command.timeout_s:g} s"
+        else:
+            result.update(exit_code=process.returncode, stdout=_tail(stdout), stderr=_tail(stderr))
+        finally:
+            RUNNING_COMMANDS.discard(process)
+        if RUNNING_COMMANDS.stopped.is_set():
+            raise TaskAbandonedError(
+                f"command {command.name} was killed because the agent stopped"
+            )
     result["duration_seconds"] = round(time.monotonic() - started, 3)
     logger.info(
         "Command %s finished: exit code %s, %.1f s%s.",

@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from types import FrameType
 
+from .checks import stop_running_commands
 from .config import AgentSettings, load_settings
 from .consumer import Consumer
 from .errors import ConfigError, FatalBrokerError
@@ -80,6 +81,9 @@ def run_agent(settings: AgentSettings, handler: Handler) -> int:
             stop_requested = True
     if health is not None:
         health.stop()
+    killed = stop_running_commands()
+    if killed:
+        logger.warning("Killed %d command(s) of tasks that were requeued unfinished.", killed)
     return _exit_code(failure)
 
 

@@ -157,3 +157,53 @@ def test_unknown_command_and_host_are_dead_lettered(
     assert "unknown command 'rm'" in log
     assert "callback host 'localhost' is not in [Agent] callback_allowed_hosts" in log
     assert agent.stop() == 0
+
+
+def process_running(pid: int) -> bool:
+    """Return whether `pid` is a live process; a zombie counts as ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.timeout(90)
+def test_drain_timeout_stops_running_command(
+    tmp_path: Path, broker: Broker, vhost: str, callbacks: CallbackServer
+) -> None:
+    pid_file = tmp_path / "command.pid"
+    write_pid_then_sleep = (
+        "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    argv = [sys.executable, "-c", write_pid_then_sleep, str(pid_file)]
+    commands = f"[Command:slow]\nargv = {json.dumps(argv)}\ntimeout_s = 120\n"
+    declare_work_queue(broker, vhost, QUEUE)
+    config, name = write_agent_config(
+        tmp_path,
+        broker,
+        vhost,
+        QUEUE,
+        handler="openchecker_agent.checks:handle_check_request",
+        drain_timeout_s=1,
+        extra=commands,
+    )
+    agent = start_agent(config, name)
+    request = check_request(callbacks.url, "https://example.org/p.git", "slow")
+    publish(broker, vhost, QUEUE, request)
+    wait_for(
+        lambda: pid_file.exists() and pid_file.read_text(),
+        30,
+        message="the command never started",
+    )
+    pid = int(pid_file.read_text())
+
+    agent.send_signal()
+    exit_code = agent.wait()
+
+    assert exit_code == 0, agent.log()
+    # The task went back to the queue, so the command must not keep running
+    # beside the agent that takes the message next.
+    wait_for(lambda: not process_running(pid), 5, message=f"command process {pid} still runs")
+    assert queue_counts(broker, vhost, QUEUE)[0] == 1
+    assert callbacks.bodies == []
