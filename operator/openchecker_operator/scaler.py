@@ -52,6 +52,9 @@ CONCURRENT_RESOURCES = 16
 CONSUMERS_REFRESH_SECONDS = 30.0
 # How long a count the scaler wrote wins over older counts from the watch.
 WRITE_SETTLE_SECONDS = 10.0
+# Seconds between two log lines about the same failed read of one broker;
+# status.replicas.readFailures counts every failed read.
+FAILURE_LOG_INTERVAL_SECONDS = 300.0
 SCALED_REASON = "Scaled"
 SCALE_FAILED_REASON = "ScaleFailed"
 
@@ -293,6 +296,15 @@ class CycleReport:
     status_writes: int = 0
 
 
+@dataclass
+class ReadFailure:
+    """Failed reads in a row of one broker with the same error, for rate-limited logging."""
+
+    message: str
+    logged_seconds: float
+    count: int = 0
+
+
 class Scaler:
     """The poll loop over a FleetRegistry."""
 
@@ -306,6 +318,7 @@ class Scaler:
         self.kube = kube
         self.monotonic = monotonic
         self.limit = asyncio.Semaphore(CONCURRENT_RESOURCES)
+        self.read_failures: dict[Hashable, ReadFailure] = {}
 
     async def run(self) -> None:
         """Poll until cancelled; a failing cycle is logged and the loop goes on."""
@@ -354,17 +367,43 @@ class Scaler:
 
     async def _read_broker(self, target: ScaleTarget) -> Mapping[QueueKey, QueueCounts] | None:
         try:
-            return await asyncio.to_thread(target.reader.read_queue_figures)
+            reading = await asyncio.to_thread(target.reader.read_queue_figures)
         except Exception as error:
             # Any failure counts as a failed read for every queue of this
             # broker: the decision keeps their replica counts.
-            logger.warning(
-                "Reading queue figures from the broker of %s/%s failed: %s",
+            self._log_read_failure(target, str(error))
+            return None
+        failure = self.read_failures.pop(target.broker_key, None)
+        if failure is not None:
+            logger.info(
+                "Reading queue figures from the broker of %s/%s works again after %d failed "
+                "reads.",
                 target.namespace,
                 target.name,
-                error,
+                failure.count,
             )
-            return None
+        return reading
+
+    def _log_read_failure(self, target: ScaleTarget, message: str) -> None:
+        """Log the first failed read of a broker and each new error.
+
+        A repeated error is logged again every FAILURE_LOG_INTERVAL_SECONDS.
+        """
+        now = self.monotonic()
+        failure = self.read_failures.get(target.broker_key)
+        if failure is None or failure.message != message:
+            failure = self.read_failures[target.broker_key] = ReadFailure(message, now)
+        failure.count += 1
+        if failure.count > 1 and now - failure.logged_seconds < FAILURE_LOG_INTERVAL_SECONDS:
+            return
+        failure.logged_seconds = now
+        logger.warning(
+            "Reading queue figures from the broker of %s/%s failed (%d in a row): %s",
+            target.namespace,
+            target.name,
+            failure.count,
+            message,
+        )
 
     async def _apply_limited(
         self,

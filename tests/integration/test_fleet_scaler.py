@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Iterator, Mapping
@@ -217,6 +218,34 @@ def test_failed_reads_hold_replicas(
     asyncio.run(scenario())
 
     assert spec_replicas(kube_api, namespace, owner.name) == 3
+
+
+@pytest.mark.timeout(60)
+def test_failed_reads_logged_once(
+    kube_api: kubernetes.client.ApiClient,
+    namespace: str,
+    broker: Broker,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    policy = ScalingPolicy(min_replicas=0)
+    owner = make_owner(kube_api, namespace, "quiet")
+    reader = CountedReader(broker, management_url=f"http://127.0.0.1:{free_port()}")
+
+    async def scenario() -> None:
+        kube = KubeClient(kube_api)
+        registry = FleetRegistry()
+        await reconcile_fleet(kube, make_fleet(owner, namespace, "q", policy), None)
+        registry.register(make_target(owner, namespace, "/", "q", reader, policy))
+        scaler = Scaler(registry, kube)
+        for _ in range(5):
+            await scaler.poll_due()
+            await asyncio.sleep(POLL_SECONDS)
+
+    with caplog.at_level(logging.WARNING, logger="openchecker_operator"):
+        asyncio.run(scenario())
+
+    failures = [record for record in caplog.records if "Reading queue figures" in record.message]
+    assert len(failures) == 1, [record.message for record in failures]
 
 
 @pytest.mark.timeout(60)
