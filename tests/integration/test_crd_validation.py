@@ -217,5 +217,11 @@ def test_explain_shows_descriptions(kubectl: Kubectl, opencheckqueue_crd: str) -
     assert "Cannot change" in queue
     assert "enum: classic, quorum" in queue
 
+    # The README promises explain shows each default; kubectl does not print
+    # the schema's default keyword, so the description carries it.
+    assert "Defaults to 10." in explain("ocq.spec.scaling.maxReplicas")
+    assert "Defaults to 5." in explain("ocq.spec.scaling.pollIntervalSeconds")
+    assert "Defaults to classic." in queue
+
     limits = explain("ocq.spec.limits.messageTTLMilliseconds")
     assert "Milliseconds a message may wait in the work queue" in limits
