@@ -76,8 +76,12 @@ def load_settings(argv: Sequence[str] | None = None) -> OperatorSettings:
 def main(argv: Sequence[str] | None = None) -> None:
     """Set up logging and run the operator until it is stopped."""
     settings = load_settings(argv)
+    # log_prefix puts "[namespace/name]" before kopf's per-resource lines, such
+    # as "Handler 'create_queue' failed temporarily", which name no resource.
     kopf.configure(
-        verbose=settings.log_level == "DEBUG", quiet=settings.log_level in ("WARNING", "ERROR")
+        verbose=settings.log_level == "DEBUG",
+        quiet=settings.log_level in ("WARNING", "ERROR"),
+        log_prefix=True,
     )
     logging.getLogger().setLevel(settings.log_level)
     # pika logs every channel and socket step at INFO; the operator logs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import uuid
 from collections.abc import Callable
@@ -10,7 +11,7 @@ from collections.abc import Callable
 import kubernetes
 import pytest
 from openchecker_testenv.broker import Broker
-from support import Kubectl, apply_manifest
+from support import Kubectl, apply_manifest, wait_for
 from support.operator import OperatorProcess
 from support.resources import (
     create_secret,
@@ -68,6 +69,27 @@ def test_missing_secret_then_created(
 
     wait_for_condition(kube_api, namespace, "nosecret", "Ready", "True", timeout_seconds=30)
     assert read_queue(broker, vhost, "nosecret") is not None
+
+
+@pytest.mark.timeout(60)
+def test_handler_failure_log_names_resource(
+    namespace: str,
+    vhost: str,
+    start_operator: Callable[..., OperatorProcess],
+    kubectl: Kubectl,
+) -> None:
+    operator = start_operator(namespace, resync_interval_seconds=RESYNC_SECONDS)
+    apply_manifest(kubectl, queue_manifest("unnamed", "absent", vhost), namespace)
+
+    # kopf's own lines, such as a failed handler, name the resource only in
+    # a prefix, and without it the log cannot tell which resource failed.
+    wait_for(
+        lambda: operator.count(
+            re.escape(f"[{namespace}/unnamed] Handler 'create_queue' failed temporarily")
+        ),
+        30,
+        message=f"no prefixed handler failure in the log:\n{operator.log_tail()}",
+    )
 
 
 @pytest.mark.timeout(120)
