@@ -24,7 +24,7 @@ FLEET_READY = "FleetReady"
 DELETING = "Deleting"
 
 # The conditions Ready summarises, in the order they are checked; the
-# first one that is not True gives Ready its reason. FleetReady counts
+# first one that is False gives Ready its reason. FleetReady counts
 # only once the fleet half has written it.
 QUEUE_CONDITIONS = (BROKER_REACHABLE, DEAD_LETTER_QUEUE_DECLARED, QUEUE_DECLARED, IN_SYNC)
 ORDER = (READY, *QUEUE_CONDITIONS, FLEET_READY, DELETING)
@@ -94,16 +94,20 @@ def ready_condition(conditions: Mapping[str, Mapping[str, Any]]) -> Condition:
     required = list(QUEUE_CONDITIONS)
     if FLEET_READY in conditions:
         required.append(FLEET_READY)
+    # A known failure outranks a condition not written yet: an invalid spec
+    # leaves the declare conditions unknown, and Ready must name the spec.
     for type_ in required:
         condition = conditions.get(type_)
-        if condition is None:
-            return Condition(READY, "Unknown", PENDING_REASON, f"{type_} is not known yet.")
-        if condition.get("status") != "True":
+        if condition is not None and condition.get("status") == "False":
             return Condition.false(
                 READY,
                 str(condition.get("reason") or PENDING_REASON),
                 f"{type_}: {condition.get('message', '')}".strip(),
             )
+    for type_ in required:
+        condition = conditions.get(type_)
+        if condition is None or condition.get("status") != "True":
+            return Condition(READY, "Unknown", PENDING_REASON, f"{type_} is not known yet.")
     return Condition.true(READY, READY_REASON, READY_MESSAGE)
 
 

@@ -407,3 +407,49 @@ def test_wrong_password_reads_no_figures(
     assert "messages" not in untrusted
     assert untrusted.get("replicas", {}).get("desired", 0) == 0
     assert cluster.replicas("untrusted") == 0
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for item in status.get("conditions") or []:
+        if item.get("type") == type_:
+            return dict(item)
+    return None
+
+
+@pytest.mark.timeout(90)
+def test_fleet_ready_condition_reports_fleet(
+    vhost: str,
+    channel: Any,
+    cluster: Cluster,
+    broker_secret: str,
+    operator_process: Any,
+) -> None:
+    declare_queues(channel, "healthy")
+    cluster.create(queue_resource("healthy", broker_secret, vhost))
+    cluster.create(queue_resource("orphan", "no-such-secret", vhost))
+
+    healthy = wait_for(
+        lambda: condition(cluster.status("healthy"), "FleetReady"),
+        30,
+        message="FleetReady was never written for a working fleet",
+    )
+    assert healthy["status"] == "True"
+    assert healthy["reason"] == "FleetReconciled"
+    ready = wait_for(
+        lambda: condition(cluster.status("healthy"), "Ready"),
+        30,
+        message="Ready was never written",
+    )
+    assert ready["status"] == "True"
+
+    orphan = wait_for(
+        lambda: condition(cluster.status("orphan"), "FleetReady"),
+        30,
+        message="FleetReady was never written for a fleet without its Secret",
+    )
+    assert orphan["status"] == "False"
+    assert orphan["reason"] == "SecretNotFound"
+    orphan_ready = condition(cluster.status("orphan"), "Ready")
+    assert orphan_ready is not None
+    assert orphan_ready["status"] == "False"
+    assert cluster.deployment("orphan") is None

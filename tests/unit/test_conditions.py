@@ -78,6 +78,30 @@ def test_ready_takes_first_false_reason() -> None:
     assert "differs" in ready["message"]
 
 
+def test_ready_false_beats_unknown() -> None:
+    updates = [Condition.false(IN_SYNC, "SpecInvalid", "bad spec")]
+
+    merged = merge_conditions([], updates, generation=1, now=EARLIER)
+
+    ready = find_condition(merged, READY)
+    assert ready is not None
+    assert ready["status"] == "False"
+    assert ready["reason"] == "SpecInvalid"
+    assert "bad spec" in ready["message"]
+
+
+def test_ready_false_on_fleet_failure() -> None:
+    updates = [*all_true(), Condition.false(FLEET_READY, "SpecInvalid", "no config")]
+
+    merged = merge_conditions([], updates, generation=1, now=EARLIER)
+
+    ready = find_condition(merged, READY)
+    assert ready is not None
+    assert ready["status"] == "False"
+    assert ready["reason"] == "SpecInvalid"
+    assert ready["message"].startswith("FleetReady:")
+
+
 def test_transition_time_kept_while_status_same() -> None:
     first = merge_conditions([], all_true(), generation=1, now=EARLIER)
     changed_message = [Condition.true(IN_SYNC, "InSync", "another message")]

@@ -20,6 +20,7 @@ import kopf
 
 from .. import fleet as fleet_service
 from ..agentconfig import ConfigRenderError
+from ..conditions import FLEET_READY, Condition
 from ..errors import BrokerError, SecretNotFound, SpecInvalid
 from ..kube import (
     RESOURCE_GROUP,
@@ -31,8 +32,9 @@ from ..kube import (
 )
 from ..models import BrokerSettings, OpenCheckQueueSpec, broker_settings_from_secret, parse_spec
 from ..scaler import FleetRegistry, ResourceKey, ScaleTarget
-from ..workloads import AGENT_NAME, INSTANCE_LABEL, NAME_LABEL, Owner
+from ..workloads import AGENT_NAME, INSTANCE_LABEL, NAME_LABEL, Owner, deployment_name
 from .lifecycle import broker_registry, memo_item
+from .queues import write_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ FLEET_RESYNC_INITIAL_DELAY_SECONDS = 10.0
 async def reconcile_agent_fleet(
     body: kopf.Body,
     spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
     name: str,
     namespace: str | None,
     uid: str,
@@ -56,7 +60,12 @@ async def reconcile_agent_fleet(
     **_: Any,
 ) -> None:
     """Render the agent config and create or update the Deployment of one resource."""
-    await reconcile(body, spec, name, require_namespace(namespace, name), uid, memo)
+    try:
+        await reconcile(body, spec, name, require_namespace(namespace, name), uid, memo)
+    except (SpecInvalid, BrokerError) as error:
+        write_fleet_ready(body, status, patch, fleet_failed_condition(error))
+        raise
+    write_fleet_ready(body, status, patch, fleet_ready_condition(name))
 
 
 @kopf.timer(
@@ -69,6 +78,8 @@ async def reconcile_agent_fleet(
 async def resync_agent_fleet(
     body: kopf.Body,
     spec: kopf.Spec,
+    status: kopf.Status,
+    patch: kopf.Patch,
     name: str,
     namespace: str | None,
     uid: str,
@@ -77,14 +88,16 @@ async def resync_agent_fleet(
 ) -> None:
     """Reconcile the fleet again, for Secret rotation and drift.
 
-    An invalid spec or connection Secret is already reported by the queue
-    reconciler's conditions, so here it is only logged, once per interval,
-    instead of failing the timer.
+    An invalid spec or connection Secret is logged and written to the
+    FleetReady condition, once per interval, instead of failing the timer.
     """
     try:
         await reconcile(body, spec, name, require_namespace(namespace, name), uid, memo)
     except (SpecInvalid, BrokerError) as error:
         logger.warning("Resync of the agent fleet of %s/%s skipped: %s", namespace, name, error)
+        write_fleet_ready(body, status, patch, fleet_failed_condition(error))
+        return
+    write_fleet_ready(body, status, patch, fleet_ready_condition(name))
 
 
 @kopf.on.event(RESOURCE_GROUP, RESOURCE_VERSION, RESOURCE_PLURAL)
@@ -237,6 +250,28 @@ def report_changes(body: kopf.Body, result: fleet_service.FleetResult) -> None:
         )
     elif result.secret_changed:
         kopf.info(body, reason="FleetUpdated", message="Updated the agent config Secret.")
+
+
+def fleet_ready_condition(name: str) -> Condition:
+    return Condition.true(
+        FLEET_READY,
+        "FleetReconciled",
+        f"Deployment {deployment_name(name)} and its config Secret match the spec.",
+    )
+
+
+def fleet_failed_condition(error: SpecInvalid | BrokerError) -> Condition:
+    # Both error kinds carry a reason and a message that never quote a password.
+    return Condition.false(FLEET_READY, error.reason, str(error))
+
+
+def write_fleet_ready(
+    body: kopf.Body, status: kopf.Status, patch: kopf.Patch, condition: Condition
+) -> None:
+    """Write FleetReady into the status patch, keeping the queue half's conditions."""
+    current = list(status.get("conditions") or [])
+    generation = body.get("metadata", {}).get("generation")
+    write_conditions(patch, current, [condition], generation)
 
 
 def require_namespace(namespace: str | None, name: str) -> str:

@@ -148,7 +148,7 @@ def _reconcile(
             version = clients.overview().rabbitmq_version
     except SpecInvalid as error:
         condition = spec_invalid_condition(error)
-        _write_conditions(patch, current, [condition], generation)
+        write_conditions(patch, current, [condition], generation)
         if _changed(current, condition):
             kopf.warn(body, reason=error.reason, message=str(error))
         if reconcile_kind == "resync":
@@ -156,7 +156,7 @@ def _reconcile(
         raise
     except BrokerError as error:
         conditions = error_conditions(report, error)
-        _write_conditions(patch, current, conditions, generation)
+        write_conditions(patch, current, conditions, generation)
         _report_failure(body, reconcile_kind, current, conditions, error, name, namespace)
         if reconcile_kind == "resync":
             return
@@ -178,7 +178,7 @@ def _write_success(
     _post_declare_events(body, report)
     conditions = success_conditions(report, broker_version)
     _post_change_events(body, current, conditions, report)
-    _write_conditions(patch, current, conditions, generation)
+    write_conditions(patch, current, conditions, generation)
     policy = report.policy.name if report.policy else None
     queue_figures = report.queue.figures if report.queue else None
     dead_letter_figures = report.dead_letter.figures if report.dead_letter else None
@@ -225,7 +225,7 @@ def delete_queue(
             result = queues.delete_queues(clients, target, force, users)
     except BrokerError as error:
         condition = deleting_condition(error.reason, str(error))
-        _write_conditions(patch, current, [condition], generation)
+        write_conditions(patch, current, [condition], generation)
         if _changed(current, condition):
             kopf.warn(body, reason=error.reason, message=str(error))
         error.delay = DELETION_RETRY_SECONDS
@@ -264,12 +264,13 @@ def _other_dead_letter_users(
     return sorted(users)
 
 
-def _write_conditions(
+def write_conditions(
     patch: kopf.Patch,
     current: list[Mapping[str, Any]],
     updates: list[Condition],
     generation: int | None,
 ) -> None:
+    """Merge `updates` into the conditions of the status patch, with Ready recomputed."""
     # Another handler of the same cycle may have written conditions into
     # the patch already; build on those, so neither loses the other's.
     # NOTE: the timer and a handler send separate merge patches of the whole
