@@ -11,11 +11,11 @@ from openchecker_testenv.broker import Broker
 from support import Kubectl, apply_manifest, wait_for
 from support.operator import OperatorProcess
 from support.resources import (
-    event_count,
     load_manifest,
     publish,
     read_queue,
     read_queue_resource,
+    settled_event_count,
     wait_for_condition,
 )
 
@@ -67,7 +67,7 @@ def test_sample_declares_both_queues(
         "deadLetterQueue": "dead_letters",
         "policy": f"openchecker.{namespace}.opencheck",
     }
-    assert event_count(kube_api, namespace, "opencheck", "Declared") == 2
+    assert settled_event_count(kube_api, namespace, "opencheck", "Declared", 2) == 2
 
     # The policy carries the limits; the broker shows them as effective
     # once its next stats emission has run.

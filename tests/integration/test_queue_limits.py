@@ -15,6 +15,7 @@ from support.resources import (
     publish,
     queue_manifest,
     read_queue,
+    settled_event_count,
     wait_for_condition,
 )
 
@@ -67,9 +68,9 @@ def test_ttl_change_updates_policy_live(
         BROKER_REFRESH_SECONDS,
         message="the queue lost its messages",
     )
-    assert event_count(kube_api, namespace, "limits", "Declared") == 2
+    assert settled_event_count(kube_api, namespace, "limits", "Declared", 2) == 2
     assert event_count(kube_api, namespace, "limits", "Redeclared") == 0
-    assert event_count(kube_api, namespace, "limits", "PolicyApplied") == 2
+    assert settled_event_count(kube_api, namespace, "limits", "PolicyApplied", 2) == 2
     policy = management_get(broker, f"/api/policies/{vhost}/openchecker.{namespace}.limits")
     assert policy["definition"] == {"message-ttl": 120000, "max-length": 50}
     assert policy["pattern"] == "^limits$"
@@ -102,7 +103,7 @@ def test_removing_limits_deletes_policy(
         30,
         message="the policy stayed after all limits were removed",
     )
-    assert event_count(kube_api, namespace, "nolimits", "PolicyDeleted") == 1
+    assert settled_event_count(kube_api, namespace, "nolimits", "PolicyDeleted", 1) == 1
 
 
 @pytest.mark.timeout(120)

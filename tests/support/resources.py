@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 from collections.abc import Mapping
 from pathlib import Path
@@ -113,6 +114,30 @@ def event_count(
 ) -> int:
     """Return how often Events with `reason` were posted about one resource (counting repeats)."""
     return sum(event.count or 1 for event in events_of(kube_api, namespace, name, reason))
+
+
+def settled_event_count(
+    kube_api: kubernetes.client.ApiClient,
+    namespace: str,
+    name: str,
+    reason: str,
+    expected: int,
+    timeout_seconds: float = 10,
+) -> int:
+    """Wait until `expected` Events with `reason` are posted; return the count then.
+
+    kopf posts Events from a background queue, so an Event can arrive after
+    the broker change or status patch it reports. The caller asserts the
+    returned count, which catches extra Events as well as missing ones.
+    """
+    # A timeout falls through: the caller's assert shows the count reached.
+    with contextlib.suppress(AssertionError):
+        wait_for(
+            lambda: event_count(kube_api, namespace, name, reason) >= expected,
+            timeout_seconds,
+            message=f"fewer than {expected} {reason} Events",
+        )
+    return event_count(kube_api, namespace, name, reason)
 
 
 def management_get(broker: Broker, path: str) -> Any:
