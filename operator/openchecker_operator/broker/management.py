@@ -42,7 +42,7 @@ READ_TIMEOUT_SECONDS = 30.0
 # The fields of one queue in the listing: with `columns` the broker sends
 # only these, which keeps the reply small on brokers with many queues.
 QUEUE_FIGURE_COLUMNS = "name,vhost,messages_ready,messages_unacknowledged,consumers"
-# Query of the live queue listing: the broker answers from the queues' own
+# Query of the live queue listing: the broker reads the queues' own
 # counters instead of the statistics database, so the counts are current
 # rather than up to two collect_statistics_interval periods old (seen on
 # RabbitMQ 3.10.8). That listing has no consumer count.
