@@ -4,7 +4,7 @@
 # ${XDG_CACHE_HOME:-~/.cache}/openchecker-operator/bin. A cached version is
 # never rebuilt, and a run that finds every binary cached needs no Go
 # toolchain. kubectl is built only when PATH has none. Prints the folder that
-# holds the binaries on its last line.
+# contains the binaries on its last line.
 #
 # A cold build downloads about 1 GB of modules and then compiles; the
 # compile took 4 minutes on a 2-core machine with an empty Go build cache.

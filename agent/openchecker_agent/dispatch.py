@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class Outcome(enum.Enum):
-    """How a finished delivery is settled with the broker."""
+    """The settlement of a finished delivery with the broker."""
 
     ACK = "ack"
     # basic.nack with requeue=False: the broker dead-letters the message.

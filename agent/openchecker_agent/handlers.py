@@ -14,7 +14,7 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What a handler gets beside the message: the settings and the delivery's identity."""
+    """The settings and delivery identity a handler receives beside the message."""
 
     settings: AgentSettings
     delivery_tag: int

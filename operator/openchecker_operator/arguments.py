@@ -178,7 +178,7 @@ def policy_matches(
     pattern: str,
     definition: Mapping[str, Any],
 ) -> bool:
-    """Return whether a stored policy already equals the wanted one."""
+    """Return whether a stored policy already equals the expected one."""
     return (
         current_pattern == pattern
         and dict(current_definition) == dict(definition)

@@ -340,12 +340,12 @@ def deployment_state(deployment: Any) -> DeploymentState:
 def _metadata_matches(current: Any, metadata: Mapping[str, Any]) -> bool:
     annotations = current.metadata.annotations or {}
     labels = current.metadata.labels or {}
-    wanted_annotations: Mapping[str, str] = metadata["annotations"]
-    wanted_labels: Mapping[str, str] = metadata["labels"]
+    expected_annotations: Mapping[str, str] = metadata["annotations"]
+    expected_labels: Mapping[str, str] = metadata["labels"]
     owners = [reference.uid for reference in current.metadata.owner_references or []]
-    wanted_owners = [reference["uid"] for reference in metadata["ownerReferences"]]
+    expected_owners = [reference["uid"] for reference in metadata["ownerReferences"]]
     return (
-        all(annotations.get(key) == value for key, value in wanted_annotations.items())
-        and all(labels.get(key) == value for key, value in wanted_labels.items())
-        and owners == wanted_owners
+        all(annotations.get(key) == value for key, value in expected_annotations.items())
+        and all(labels.get(key) == value for key, value in expected_labels.items())
+        and owners == expected_owners
     )

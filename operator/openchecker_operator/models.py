@@ -314,10 +314,10 @@ def decode_secret_data(
 
 def _read_keys(data: Mapping[str, bytes], connection: ConnectionSpec) -> list[str]:
     # Only the keys the operator uses must be text: the Secret may hold others.
-    wanted = {*SECRET_REQUIRED_KEYS, "port", "vhost", "management_url"}
+    used_keys = {*SECRET_REQUIRED_KEYS, "port", "vhost", "management_url"}
     if connection.tls.ca_secret_key is not None:
-        wanted.add(connection.tls.ca_secret_key)
-    return [key for key in data if key in wanted]
+        used_keys.add(connection.tls.ca_secret_key)
+    return [key for key in data if key in used_keys]
 
 
 def _decode_text(secret_name: str, key: str, value: bytes) -> str:

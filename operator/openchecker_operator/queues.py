@@ -132,7 +132,7 @@ def reconcile_queues(
 ) -> ReconcileReport:
     """Declare what is missing (the DLQ first), compare what exists, apply the policy.
 
-    `*_declared_before` says whether status shows an earlier declare, which
+    `*_declared_before` is True when status shows an earlier declare, which
     makes a missing queue "redeclared". Fills `report` as it goes, so the
     caller sees how far it got when a BrokerError is raised.
     """

@@ -471,8 +471,8 @@ class Scaler:
         self.registry.record_scale(target.key, stored, now)
         progress.last_scale_time = _timestamp()
         progress.last_scale_reason = decision.reason
-        shown = "unknown" if figures is None else figures.describe()
-        message = f"Scaled from {before} to {stored}: {decision.reason} ({shown})"
+        figures_text = "unknown" if figures is None else figures.describe()
+        message = f"Scaled from {before} to {stored}: {decision.reason} ({figures_text})"
         logger.info("%s/%s: %s", target.namespace, target.name, message)
         await self._post_event(target, SCALED_REASON, message)
 

@@ -182,7 +182,7 @@ class ManagementClient:
         """Return the current ready and unacknowledged counts of every queue, in one request.
 
         With `vhost`, only the queues of that vhost. `consumers` is always
-        None: this listing skips the statistics database, which holds the
+        None: this listing skips the statistics database, which contains the
         consumer counts. A broker that ignores the query parameters returns
         the statistics listing instead.
         """
