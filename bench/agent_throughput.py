@@ -2,17 +2,18 @@
 
 Both consume the same number of pre-published messages from a fresh queue
 with the same connection settings and prefetch count. The bare consumer acks
-inline in pika's callback; the agent hands each message to a worker thread
-and runs a no-op handler there. The script prints messages per second of
-each, their ratio (target: 0.9 at prefetch 1), and the resident memory of an
-idle `openchecker-agent` process.
+inline in pika's callback; the agent runs a no-op handler in one of its
+threads and acks from the thread holding the connection. The script prints
+messages per second of each, their ratio (target: 0.9 at prefetch 1), the
+thread context switches per message of each, what a thread wake-up costs
+here, and the resident memory of an idle `openchecker-agent` process.
 
 Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else the
 broker the tests use: the `make env-up` one when it runs, or a private node
 started with openchecker_testenv.
 Bounded: a fixed number of messages per round and a timeout per round.
 
-    python bench/agent_throughput.py [--messages 10000] [--rounds 3]
+    python bench/agent_throughput.py [--messages 5000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -47,23 +49,28 @@ TARGET_RATIO = 0.9
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=10_000, help="messages per round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per consumer and prefetch")
+    parser.add_argument("--messages", type=int, default=5_000, help="messages per round")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per consumer and prefetch")
     arguments = parser.parse_args()
     with _broker_url() as url:
         ratios: dict[int, float] = {}
         for prefetch in (1, 10):
-            bare, agent = _compare(url, prefetch, arguments.messages, arguments.rounds)
-            ratios[prefetch] = agent / bare
+            bare, agent, round_ratios = _compare(
+                url, prefetch, arguments.messages, arguments.rounds
+            )
+            ratios[prefetch] = agent.rate / bare.rate
             print(
-                f"prefetch {prefetch:>2}: bare pika {bare:8.0f} msg/s, "
-                f"agent {agent:8.0f} msg/s, ratio {agent / bare:.2f}",
+                f"prefetch {prefetch:>2}: bare pika {bare.rate:8.0f} msg/s, "
+                f"agent {agent.rate:8.0f} msg/s, ratio {ratios[prefetch]:.2f} "
+                f"(rounds {min(round_ratios):.2f}-{max(round_ratios):.2f}); "
+                f"context switches per message: bare {bare.switches:.2f}, "
+                f"agent {agent.switches:.2f}",
                 flush=True,
             )
         print(f"ratio at prefetch 1: {ratios[1]:.2f} (target {TARGET_RATIO})", flush=True)
         print(
-            f"thread hand-off round trip (pure Python, no broker): "
-            f"{_handoff_round_trip_microseconds():.1f} us",
+            f"a thread wake-up round trip, which no message pays here "
+            f"(pure Python, no broker): {_handoff_round_trip_microseconds():.1f} us",
             flush=True,
         )
         rss_kib = _idle_agent_rss_kib(url)
@@ -107,18 +114,41 @@ def _testenv_broker_url() -> Iterator[str]:
 # One comparison: bare and agent consumers, alternating, median of rounds.
 
 
-def _compare(url: str, prefetch: int, count: int, rounds: int) -> tuple[float, float]:
-    bare_rates: list[float] = []
-    agent_rates: list[float] = []
+@dataclass
+class Measured:
+    """One consumer's median messages per second and context switches per message."""
+
+    rate: float
+    switches: float
+
+    @classmethod
+    def of(cls, rounds: list[tuple[float, float]]) -> Measured:
+        return cls(
+            statistics.median(rate for rate, _ in rounds),
+            statistics.median(switches for _, switches in rounds),
+        )
+
+
+def _compare(
+    url: str, prefetch: int, count: int, rounds: int
+) -> tuple[Measured, Measured, list[float]]:
+    """Return both consumers' medians and the agent's ratio in each round."""
+    bare: list[tuple[float, float]] = []
+    agent: list[tuple[float, float]] = []
     for _ in range(rounds):
-        bare_rates.append(_run_round(url, prefetch, count, _consume_bare))
-        agent_rates.append(_run_round(url, prefetch, count, _consume_with_agent))
-    return statistics.median(bare_rates), statistics.median(agent_rates)
+        bare.append(_run_round(url, prefetch, count, _consume_bare))
+        agent.append(_run_round(url, prefetch, count, _consume_with_agent))
+    ratios = [mine[0] / theirs[0] for mine, theirs in zip(agent, bare, strict=True)]
+    return Measured.of(bare), Measured.of(agent), ratios
 
 
 def _run_round(
-    url: str, prefetch: int, count: int, consume: Callable[[str, str, int, int], float]
-) -> float:
+    url: str,
+    prefetch: int,
+    count: int,
+    consume: Callable[[str, str, int, int], tuple[float, int]],
+) -> tuple[float, float]:
+    """Return messages per second and thread context switches per message."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
@@ -130,16 +160,32 @@ def _run_round(
         # A passive declare returns only after the broker has taken every
         # publish above, so the consumer starts with a full queue.
         channel.queue_declare(queue, passive=True)
-        seconds = consume(url, queue, prefetch, count)
+        seconds, switches = consume(url, queue, prefetch, count)
         channel.queue_delete(queue)
     finally:
         connection.close()
-    return count / seconds
+    return count / seconds, switches / count
 
 
-def _consume_bare(url: str, queue: str, prefetch: int, count: int) -> float:
+def _context_switches() -> int:
+    """Voluntary and involuntary context switches of this process's live threads.
+
+    Each consumer reads it before and after consuming, before its threads
+    stop, so the difference covers every thread that consumed.
+    """
+    total = 0
+    for status in Path("/proc/self/task").glob("*/status"):
+        with contextlib.suppress(FileNotFoundError):
+            for line in status.read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+    return total
+
+
+def _consume_bare(url: str, queue: str, prefetch: int, count: int) -> tuple[float, int]:
     connection = pika.BlockingConnection(_parameters(url))
     received = 0
+    switches = 0
     try:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=prefetch)
@@ -154,19 +200,21 @@ def _consume_bare(url: str, queue: str, prefetch: int, count: int) -> float:
                 channel.stop_consuming()
 
         channel.basic_consume(queue, on_message)
+        switches_before = _context_switches()
         started = time.perf_counter()
         deadline = started + ROUND_TIMEOUT_SECONDS
         while received < count and time.perf_counter() < deadline:
             connection.process_data_events(time_limit=1.0)
         elapsed = time.perf_counter() - started
+        switches = _context_switches() - switches_before
     finally:
         connection.close()
     if received < count:
         raise SystemExit(f"bare consumer got {received} of {count} messages in time")
-    return elapsed
+    return elapsed, switches
 
 
-def _consume_with_agent(url: str, queue: str, prefetch: int, count: int) -> float:
+def _consume_with_agent(url: str, queue: str, prefetch: int, count: int) -> tuple[float, int]:
     settings = _agent_settings(url, queue, prefetch)
     done = threading.Event()
     handled = 0
@@ -182,22 +230,24 @@ def _consume_with_agent(url: str, queue: str, prefetch: int, count: int) -> floa
     metrics = AgentMetrics()
     consumer = Consumer(settings, handle, metrics)
     thread = threading.Thread(target=consumer.run, name="bench-agent", daemon=True)
+    switches_before = _context_switches()
     started = time.perf_counter()
     thread.start()
     finished = done.wait(ROUND_TIMEOUT_SECONDS)
-    # Ends at the last handler call; its ack follows within one hand-off,
+    # Ends at the last handler call; its ack follows within microseconds,
     # which is noise next to thousands of messages.
     elapsed = time.perf_counter() - started
+    switches = _context_switches() - switches_before
     consumer.request_stop()
     thread.join(30)
     if not finished:
         raise SystemExit(f"agent handled {handled} of {count} messages in time")
-    return elapsed
+    return elapsed, switches
 
 
 def _parameters(url: str) -> pika.ConnectionParameters:
-    # The same parameters the agent builds, so both sides differ only in the
-    # hand-off to worker threads.
+    # The same parameters the agent builds, so both sides differ only in
+    # what the agent does around each message.
     return Consumer(
         _agent_settings(url, "unused", 1), lambda _m, _c: None, AgentMetrics()
     ).parameters

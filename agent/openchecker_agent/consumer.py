@@ -1,12 +1,18 @@
-"""The consumer: one connection thread that serves I/O and settles what workers finish.
+"""The consumer: threads that take turns at one connection and run tasks.
 
 Guarantees, in the words of AMQP 0-9-1:
 
-- manual acks with `basic_qos(prefetch_count=N)`; up to N handlers run at once;
+- manual acks with `basic_qos(prefetch_count=N)`; up to N handlers run at
+  once, each in a thread of its own, while another thread serves the socket
+  and heartbeats;
+- only the thread that holds the connection calls pika (see `dispatch`);
+  a thread that finishes a task while another holds the connection hands
+  the result over through `add_callback_threadsafe` on the connection the
+  message arrived on;
 - an ack or nack goes only on the channel the message arrived on, and only
-  while that channel is still the open, current one. A result for a delivery
-  of a closed channel is dropped, because the broker has already requeued
-  the message. A delivery tag of another channel would close this one with
+  while that channel is still open. A result for a delivery of a closed
+  channel is dropped, because the broker has already requeued the message.
+  A delivery tag of another channel would close this one with
   PRECONDITION_FAILED "unknown delivery tag";
 - a handler exception or an undecodable body ends in `basic_nack(requeue=False)`,
   so the broker dead-letters the message;
@@ -21,6 +27,7 @@ Guarantees, in the words of AMQP 0-9-1:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -33,19 +40,25 @@ import pika.exceptions
 from .amqp import ACCESS_REFUSED, NOT_FOUND, build_connection_parameters, is_fatal_connection_error
 from .backoff import Backoff
 from .config import AgentSettings
-from .dispatch import Delivery, Outcome, WorkerPool
+from .dispatch import Completion, Delivery, Outcome, Session
 from .errors import FatalBrokerError
 from .handlers import Handler, HandlerContext, UndecodableMessageError, decode_message
 from .metrics import AgentMetrics
 
 logger = logging.getLogger(__name__)
 
-# Maximum time the I/O thread blocks on the socket before it checks the stop
-# flag and its timers again; a stop request also wakes it at once.
+# Maximum time the connection's holder blocks on the socket before it checks
+# the stop flag and its timers again; a stop request also wakes it at once.
 SOCKET_WAIT_SECONDS = 1.0
-# While every prefetch slot is taken, the I/O thread waits for a result on a
-# condition variable and serves the socket (heartbeats) this often.
-RESULT_WAIT_SECONDS = 0.1
+
+# How often the next thread in line checks whether the connection is free.
+# A thread that leaves it to run a long task is replaced within this time;
+# until then nobody reads the socket, which delays heartbeats (sent every
+# few seconds at the least) and deliveries from a queue that was empty.
+VACANCY_CHECK_SECONDS = 0.05
+
+# Errors that end a connection's session; the supervisor decides whether to reconnect.
+SESSION_ERRORS = (pika.exceptions.AMQPError, OSError)
 
 
 class ChannelLostError(Exception):
@@ -55,8 +68,10 @@ class ChannelLostError(Exception):
 class Consumer:
     """Consumes one queue until `request_stop` is called or the broker refuses access.
 
-    `run` is meant for a dedicated thread; `request_stop` and `is_consuming`
-    may be called from any thread.
+    `run` is meant for a dedicated thread, the supervisor: it opens each
+    connection, hands it to prefetch + 1 member threads, and takes it back to
+    drain or reconnect. `request_stop` and `is_consuming` may be called from
+    any thread.
     """
 
     def __init__(
@@ -81,13 +96,22 @@ class Consumer:
         self._stop = threading.Event()
         self._stop_deadline = float("inf")
         self._consuming = threading.Event()
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: Any = None
-        self._consumer_tag: str | None = None
-        # Deliveries of the current channel not yet acked or nacked.
-        self._unsettled: dict[int, Delivery] = {}
+        # Held by the one thread that may call pika at a time.
+        self._connection_turn = threading.Lock()
+        # Threads waiting for the connection: the next in line waits on
+        # `_front`, the others on `_line` for its place; one lock guards both.
+        line_lock = threading.Lock()
+        self._line = threading.Condition(line_lock)
+        self._front = threading.Condition(line_lock)
+        self._next_in_line_waiting = False
+        # Set when the supervisor must act: a stop request or a failed session.
+        self._attention = threading.Event()
+        # Guards the published session and the shutdown flag.
+        self._sessions = threading.Condition()
+        self._session: Session | None = None
+        self._shutting_down = False
+        self._members: list[threading.Thread] = []
         self._connections_opened = 0
-        self._pool = WorkerPool(self._prefetch_count, self._execute, self._wake_io)
 
     @property
     def parameters(self) -> pika.ConnectionParameters:
@@ -105,38 +129,56 @@ class Consumer:
             return
         self._stop_deadline = time.monotonic() + self._settings.agent.drain_timeout_s
         self._stop.set()
-        self._pool.interrupt()
-        self._wake_io()
+        self._attention.set()
+        self._release_line()
+        with self._sessions:
+            session = self._session
+        if session is not None:
+            # Ends the holder's wait on the socket, so it gives the connection back.
+            with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
+                session.connection.add_callback_threadsafe(_do_nothing)
 
     def run(self) -> None:
         """Consume until stopped; reconnect on every error that retrying can fix.
 
         Raises FatalBrokerError on an authentication failure or ACCESS_REFUSED.
         """
+        self._start_members()
         try:
             while not self._stop.is_set():
                 try:
                     self._run_connection()
-                except (pika.exceptions.AMQPError, ChannelLostError, OSError) as error:
+                except (*SESSION_ERRORS, ChannelLostError) as error:
                     if is_fatal_connection_error(error):
                         raise FatalBrokerError(_access_error_message(error)) from error
                     self._wait_before_reconnect(error)
         finally:
             self._finish_shutdown()
 
-    # Connection life cycle.
+    # The supervisor: one connection's life cycle.
 
     def _open_connection(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(self._parameters)
+
+    def _start_members(self) -> None:
+        # One thread more than the prefetch count: with every prefetched
+        # message in a task, one thread is still free to hold the connection.
+        self._members = [
+            threading.Thread(target=self._member_loop, name=f"agent-worker-{index}", daemon=True)
+            for index in range(self._prefetch_count + 1)
+        ]
+        for thread in self._members:
+            thread.start()
 
     def _run_connection(self) -> None:
         connection = self._connect()
         self._connections_opened += 1
         if self._connections_opened > 1:
             self._metrics.reconnects.inc()
-        self._connection = connection
+        self._connection_turn.acquire()
+        session: Session | None = None
         try:
-            self._open_channel(connection)
+            session = self._open_session(connection)
             logger.info(
                 "Connected to %s:%d, vhost %r, as connection %r.",
                 self._settings.rabbitmq.host,
@@ -144,19 +186,37 @@ class Consumer:
                 self._settings.rabbitmq.vhost,
                 self._settings.rabbitmq.connection_name,
             )
-            self._serve(connection)
-            if self._stop.is_set():
-                self._drain(connection)
+            self._publish(session)
+            self._connection_turn.release()
+            try:
+                while not (self._stop.is_set() or session.closing.is_set()):
+                    self._attention.wait()
+                    # Both flags are set before the event, so a set that
+                    # this clear swallows is seen by the check above.
+                    self._attention.clear()
+            finally:
+                # Taken back once the holder notices the stop or the failure.
+                self._connection_turn.acquire()
+            session.closing.set()
+            self._release_line()
+            if session.error is not None:
+                raise session.error
+            self._drain(session)
         finally:
-            self._drop_connection(connection)
+            self._drop_connection(connection, session)
+            self._connection_turn.release()
 
-    def _open_channel(self, connection: pika.BlockingConnection) -> None:
+    def _open_session(self, connection: pika.BlockingConnection) -> Session:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=self._prefetch_count)
-        channel.add_on_cancel_callback(self._on_cancelled_by_broker)
-        self._channel = channel
-        self._consumer_tag = None
-        self._unsettled.clear()
+        session = Session(connection, channel)
+        channel.add_on_cancel_callback(functools.partial(self._on_cancelled_by_broker, session))
+        return session
+
+    def _publish(self, session: Session | None) -> None:
+        with self._sessions:
+            self._session = session
+            self._sessions.notify_all()
 
     def _wait_before_reconnect(self, error: BaseException) -> None:
         delay = self._reconnect_backoff.next_delay()
@@ -168,78 +228,251 @@ class Consumer:
         )
         self._stop.wait(delay)
 
-    def _drop_connection(self, connection: pika.BlockingConnection) -> None:
+    def _drop_connection(
+        self, connection: pika.BlockingConnection, session: Session | None
+    ) -> None:
+        """Close the connection and forget its session; the caller holds the connection."""
         self._consuming.clear()
-        self._consumer_tag = None
-        self._channel = None
-        self._connection = None
-        self._unsettled.clear()
-        self._pool.reset_wakeups()
-        # Deliveries no worker has started are requeued by the broker with
-        # the connection, so running them would only duplicate work.
-        for delivery in self._pool.abandon_queued():
-            self._metrics.in_flight.dec()
-            logger.info(
-                "Skipped delivery tag %d of the closed connection before it started; "
-                "the broker redelivers it.",
-                delivery.delivery_tag,
-            )
+        self._publish(None)
+        if session is not None:
+            session.closing.set()
+            self._release_line()
+            # Deliveries no thread has started are requeued by the broker with
+            # the connection, so running them would only duplicate work.
+            for delivery in session.abandon_pending():
+                self._metrics.in_flight.dec()
+                logger.info(
+                    "Skipped delivery tag %d of the closed connection before it started; "
+                    "the broker redelivers it.",
+                    delivery.delivery_tag,
+                )
         if connection.is_open:
             try:
                 connection.close()
-            except (pika.exceptions.AMQPError, OSError) as error:
+            except SESSION_ERRORS as error:
                 # The socket is released either way; a failed close changes nothing.
                 logger.debug("Closing the connection failed: %s", _describe(error))
+        if session is not None:
+            for delivery in session.end():
+                self._drop_result(delivery)
 
-    # Serving one connection.
+    def _drain(self, session: Session) -> None:
+        channel = session.channel
+        if session.consumer_tag is not None:
+            # pika nacks with requeue the deliveries it has buffered but not
+            # yet handed to _on_message, so none of them is lost.
+            channel.basic_cancel(session.consumer_tag)
+            session.consumer_tag = None
+        self._consuming.clear()
+        for delivery in session.abandon_pending():
+            self._settle(session, delivery, Outcome.REQUEUE)
+        running = session.running_count()
+        if running:
+            logger.info(
+                "Stopping: waiting up to %.0f s for %d running task(s).",
+                max(0.0, self._stop_deadline - time.monotonic()),
+                running,
+            )
+        while True:
+            self._settle_batch(session, session.take_results())
+            remaining = self._stop_deadline - time.monotonic()
+            if not session.busy_count() or remaining <= 0:
+                break
+            self._check_channel(session)
+            session.connection.process_data_events(time_limit=min(SOCKET_WAIT_SECONDS, remaining))
+        for delivery in session.abandon_running():
+            logger.warning(
+                "Requeued delivery tag %d: its task did not finish within the drain "
+                "timeout of %.0f s.",
+                delivery.delivery_tag,
+                self._settings.agent.drain_timeout_s,
+            )
+            self._settle(session, delivery, Outcome.REQUEUE)
+        channel.close()
+        session.connection.close()
+        logger.info("Stopped consuming and closed the connection.")
 
-    def _serve(self, connection: pika.BlockingConnection) -> None:
-        next_consume_attempt = 0.0
-        while not self._stop.is_set():
-            self._check_channel()
-            now = time.monotonic()
-            if self._consumer_tag is None and now >= next_consume_attempt:
-                if self._start_consuming(connection):
-                    self._reconnect_backoff.reset()
-                    self._queue_backoff.reset()
-                else:
-                    delay = self._queue_backoff.next_delay()
-                    next_consume_attempt = now + delay
-                    logger.warning(
-                        "Queue %r was not found in vhost %r; checking again in %.1f s.",
-                        self._queue,
-                        self._settings.rabbitmq.vhost,
-                        delay,
-                    )
-            wait_seconds = SOCKET_WAIT_SECONDS
-            if self._consumer_tag is None:
-                wait_seconds = max(0.0, min(wait_seconds, next_consume_attempt - now))
-            self._pump(connection, wait_seconds)
+    def _finish_shutdown(self) -> None:
+        self._consuming.clear()
+        with self._sessions:
+            self._shutting_down = True
+            self._sessions.notify_all()
+        if self._stop.is_set():
+            # No connection is left to settle on, but a running task may still
+            # finish its side effects (a callback) before the process exits.
+            for thread in self._members:
+                thread.join(max(0.0, self._stop_deadline - time.monotonic()))
 
-    def _check_channel(self) -> None:
+    # The member threads: turns at the connection, and tasks.
+
+    def _member_loop(self) -> None:
+        session: Session | None = None
+        while (session := self._next_session(session)) is not None:
+            try:
+                self._take_turns(session)
+            except Exception as error:
+                # A defect, not a broker error: end the session so the
+                # supervisor reports it instead of the thread dying silently.
+                logger.exception("A consumer thread failed.")
+                self._fail(session, error)
+
+    def _next_session(self, previous: Session | None) -> Session | None:
+        """Wait for a session this thread has not left yet; None once shutting down."""
+        with self._sessions:
+            while not self._shutting_down:
+                session = self._session
+                if session is not None and session is not previous:
+                    return session
+                self._sessions.wait()
+            return None
+
+    def _take_turns(self, session: Session) -> None:
+        holding = False
+        while True:
+            if not holding and not self._wait_for_turn(session):
+                return
+            try:
+                delivery = self._lead(session)
+            finally:
+                self._connection_turn.release()
+            if delivery is None:
+                return
+            if session.has_pending():
+                # Another delivery waits to start: wake the next in line to
+                # take the connection and start it in parallel.
+                with self._line:
+                    self._front.notify()
+            outcome = self._execute(delivery)
+            holding = self._report(session, delivery, outcome)
+
+    def _wait_for_turn(self, session: Session) -> bool:
+        """Wait until this thread holds the connection; False once the session is closing.
+
+        One thread, the next in line, checks every VACANCY_CHECK_SECONDS
+        whether the connection is free, and at once when a delivery waits
+        to start; the others wait for its place. Leaving the connection to
+        run a task wakes nobody: a short task ends before the next check,
+        and its thread takes the connection straight back. A thread woken
+        at each departure would cost each message a futex wake-up and, once
+        running, time on the GIL.
+        """
+        with self._line:
+            while self._next_in_line_waiting:
+                if self._stop.is_set() or session.closing.is_set():
+                    return False
+                self._line.wait()
+            self._next_in_line_waiting = True
+            try:
+                while not (self._stop.is_set() or session.closing.is_set()):
+                    if self._connection_turn.acquire(blocking=False):
+                        return True
+                    self._front.wait(VACANCY_CHECK_SECONDS)
+                return False
+            finally:
+                self._next_in_line_waiting = False
+                self._line.notify()
+
+    def _lead(self, session: Session) -> Delivery | None:
+        """Serve the connection until a delivery is ready to run; None when the session ends.
+
+        The caller holds the connection. Results are settled only when no
+        delivery waits to start, that is right before waiting on the socket:
+        the acks of a batch of short tasks then fold into one.
+        """
+        try:
+            while True:
+                if self._stop.is_set() or session.closing.is_set():
+                    return None
+                delivery = session.start_next()
+                if delivery is not None:
+                    return delivery
+                self._settle_batch(session, session.take_results())
+                self._check_channel(session)
+                wait_seconds = self._ensure_consuming(session)
+                session.connection.process_data_events(time_limit=wait_seconds)
+        except (*SESSION_ERRORS, ChannelLostError, FatalBrokerError) as error:
+            self._fail(session, error)
+            return None
+
+    def _report(self, session: Session, delivery: Delivery, outcome: Outcome) -> bool:
+        """Hand a finished task's outcome to the connection; True if the caller now holds it."""
+        completion = session.complete(delivery, outcome)
+        if completion is Completion.SESSION_ENDED:
+            self._drop_result(delivery)
+        if completion is not Completion.RECORDED:
+            return False
+        if self._connection_turn.acquire(blocking=False):
+            # The connection is free: this thread settles the result itself.
+            return True
+        if session.claim_wake():
+            # ConnectionWrongStateError: the connection has closed, and the
+            # supervisor drops the result when it ends the session.
+            with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
+                session.connection.add_callback_threadsafe(
+                    functools.partial(self._on_woken, session)
+                )
+        return False
+
+    def _fail(self, session: Session, error: BaseException) -> None:
+        if session.error is None:
+            session.error = error
+        session.closing.set()
+        self._consuming.clear()
+        self._attention.set()
+        self._release_line()
+
+    def _release_line(self) -> None:
+        """Let the threads waiting for a place in line see a stop or a closing session."""
+        with self._line:
+            self._line.notify_all()
+            self._front.notify_all()
+
+    def _check_channel(self, session: Session) -> None:
         # NOTE: RabbitMQ 3.10 has only the node-wide consumer_timeout (30 min
         # by default); a task that keeps its delivery unacked longer gets the channel
         # closed with PRECONDITION_FAILED, lands here, and is redelivered
         # after the reconnect. Per-queue consumer timeouts need RabbitMQ 3.11.15.
-        if self._channel is not None and self._channel.is_open:
+        if session.channel.is_open:
             return
         # NOTE: BlockingChannel exposes the close reason only as a private
         # attribute; it is read for the log message alone.
-        reason = getattr(self._channel, "_closing_reason", None)
+        reason = getattr(session.channel, "_closing_reason", None)
         raise ChannelLostError(f"the channel was closed: {reason}")
 
-    def _start_consuming(self, connection: pika.BlockingConnection) -> bool:
-        if not self._queue_exists(connection):
+    def _ensure_consuming(self, session: Session) -> float:
+        """Register the consumer when due; return how long to wait on the socket."""
+        if session.consumer_tag is not None:
+            return SOCKET_WAIT_SECONDS
+        now = time.monotonic()
+        if now >= session.next_consume_attempt:
+            if self._start_consuming(session):
+                self._reconnect_backoff.reset()
+                self._queue_backoff.reset()
+                return SOCKET_WAIT_SECONDS
+            delay = self._queue_backoff.next_delay()
+            session.next_consume_attempt = now + delay
+            logger.warning(
+                "Queue %r was not found in vhost %r; checking again in %.1f s.",
+                self._queue,
+                self._settings.rabbitmq.vhost,
+                delay,
+            )
+        return max(0.0, min(SOCKET_WAIT_SECONDS, session.next_consume_attempt - now))
+
+    def _start_consuming(self, session: Session) -> bool:
+        if not self._queue_exists(session.connection):
             return False
-        self._consumer_tag = self._channel.basic_consume(
-            queue=self._queue, on_message_callback=self._on_message, auto_ack=False
+        session.consumer_tag = session.channel.basic_consume(
+            queue=self._queue,
+            on_message_callback=functools.partial(self._on_message, session),
+            auto_ack=False,
         )
         self._consuming.set()
         logger.info(
             "Consuming from queue %r with prefetch %d (consumer tag %s).",
             self._queue,
             self._prefetch_count,
-            self._consumer_tag,
+            session.consumer_tag,
         )
         return True
 
@@ -260,74 +493,11 @@ class Consumer:
         probe.close()
         return True
 
-    def _pump(self, connection: pika.BlockingConnection, wait_seconds: float) -> None:
-        """Settle finished deliveries and serve the socket for at most `wait_seconds`."""
-        self._settle_completed()
-        slots_free = len(self._unsettled) < self._prefetch_count
-        expects_deliveries = self._consumer_tag is not None and slots_free
-        if expects_deliveries or not self._unsettled:
-            if self._pool.begin_socket_wait():
-                try:
-                    connection.process_data_events(time_limit=wait_seconds)
-                finally:
-                    self._pool.end_socket_wait()
-            self._settle_completed()
-        else:
-            results = self._pool.wait_for_results(min(RESULT_WAIT_SECONDS, wait_seconds))
-            self._settle_batch(results)
-            if not results:
-                connection.process_data_events(time_limit=0)
-            # Otherwise the next pass serves the socket: at prefetch 1 the
-            # broker sends the next message only after this ack, so it goes first.
-
-    def _drain(self, connection: pika.BlockingConnection) -> None:
-        if self._consumer_tag is not None:
-            # pika nacks with requeue the deliveries it has buffered but not
-            # yet handed to _on_message, so none of them is lost.
-            self._channel.basic_cancel(self._consumer_tag)
-            self._consumer_tag = None
-        self._consuming.clear()
-        for delivery in self._pool.abandon_queued():
-            self._settle(delivery, Outcome.REQUEUE)
-        running = self._pool.busy_count()
-        if running:
-            logger.info(
-                "Stopping: waiting up to %.0f s for %d running task(s).",
-                max(0.0, self._stop_deadline - time.monotonic()),
-                running,
-            )
-        while self._pool.busy_count() and time.monotonic() < self._stop_deadline:
-            self._check_channel()
-            remaining = self._stop_deadline - time.monotonic()
-            self._pump(connection, max(0.0, min(SOCKET_WAIT_SECONDS, remaining)))
-        self._settle_completed()
-        for delivery in self._pool.abandon_running():
-            logger.warning(
-                "Requeued delivery tag %d: its task did not finish within the drain "
-                "timeout of %.0f s.",
-                delivery.delivery_tag,
-                self._settings.agent.drain_timeout_s,
-            )
-            self._settle(delivery, Outcome.REQUEUE)
-        self._channel.close()
-        connection.close()
-        logger.info("Stopped consuming and closed the connection.")
-
-    def _finish_shutdown(self) -> None:
-        self._consuming.clear()
-        if self._stop.is_set() and self._pool.busy_count():
-            # No connection is left to settle on, but a running task may still
-            # finish its side effects (a callback) before the process exits.
-            remaining = max(0.0, self._stop_deadline - time.monotonic())
-            self._pool.wait_idle(remaining)
-        for delivery in self._pool.take_completed():
-            self._settle(delivery, delivery.outcome or Outcome.REQUEUE)
-        self._pool.close()
-
-    # Callbacks on the I/O thread.
+    # Callbacks, run by the connection's holder inside process_data_events.
 
     def _on_message(
         self,
+        session: Session,
         channel: Any,
         method: pika.spec.Basic.Deliver,
         properties: pika.spec.BasicProperties,
@@ -340,75 +510,73 @@ class Consumer:
             body=body,
             message_id=properties.message_id,
         )
-        self._unsettled[delivery.delivery_tag] = delivery
+        session.unsettled[delivery.delivery_tag] = delivery
         self._metrics.in_flight.inc()
-        self._pool.submit(delivery)
+        session.receive(delivery)
 
-    def _on_cancelled_by_broker(self, method_frame: Any) -> None:
+    def _on_cancelled_by_broker(self, session: Session, method_frame: Any) -> None:
         logger.warning(
             "The broker cancelled consumer %s of queue %r, as it does when the queue is "
             "deleted or its node fails; consuming again once the queue exists.",
             method_frame.method.consumer_tag,
             self._queue,
         )
-        self._consumer_tag = None
+        session.consumer_tag = None
         self._consuming.clear()
 
-    def _on_woken(self) -> None:
-        self._pool.on_woken()
+    def _on_woken(self, session: Session) -> None:
+        self._settle_batch(session, session.take_results_when_woken())
 
-    def _settle_completed(self) -> None:
-        self._settle_batch(self._pool.take_completed())
+    # Settlement, by the connection's holder.
 
-    def _settle_batch(self, results: list[Delivery]) -> None:
+    def _settle_batch(self, session: Session, results: list[Delivery]) -> None:
         """Settle finished deliveries, folding in-order acks into one `multiple` ack.
 
         An ack with multiple=True for tag T acknowledges every unsettled
         delivery up to T on the channel, so it is used only for tags below
-        the lowest delivery that is still queued, running or not acked.
+        the lowest delivery that is still pending, running or not acked.
         """
+        if not results:
+            return
         acks: list[Delivery] = []
         for delivery in results:
             outcome = delivery.outcome or Outcome.REJECT
-            if outcome is Outcome.ACK and self._is_current(delivery):
+            if outcome is Outcome.ACK and self._is_current(session, delivery):
                 acks.append(delivery)
             else:
-                self._settle(delivery, outcome)
+                self._settle(session, delivery, outcome)
         if len(acks) < 2:
             for delivery in acks:
-                self._settle(delivery, Outcome.ACK)
+                self._settle(session, delivery, Outcome.ACK)
             return
         acked_tags = {delivery.delivery_tag for delivery in acks}
-        lowest_open = min((tag for tag in self._unsettled if tag not in acked_tags), default=None)
+        lowest_open = min(
+            (tag for tag in session.unsettled if tag not in acked_tags), default=None
+        )
         folded = [d for d in acks if lowest_open is None or d.delivery_tag < lowest_open]
         if len(folded) < 2:
             folded = []
         for delivery in acks:
             if delivery not in folded:
-                self._settle(delivery, Outcome.ACK)
+                self._settle(session, delivery, Outcome.ACK)
         if folded:
             highest = max(delivery.delivery_tag for delivery in folded)
             for delivery in folded:
-                self._unsettled.pop(delivery.delivery_tag, None)
+                session.unsettled.pop(delivery.delivery_tag, None)
             self._metrics.in_flight.dec(len(folded))
-            self._channel.basic_ack(delivery_tag=highest, multiple=True)
+            session.channel.basic_ack(delivery_tag=highest, multiple=True)
 
-    def _is_current(self, delivery: Delivery) -> bool:
-        return delivery.channel is self._channel and bool(delivery.channel.is_open)
+    @staticmethod
+    def _is_current(session: Session, delivery: Delivery) -> bool:
+        return delivery.channel is session.channel and bool(delivery.channel.is_open)
 
-    def _settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        self._metrics.in_flight.dec()
-        channel = delivery.channel
-        if channel is not self._channel or not channel.is_open:
-            self._metrics.stale_settlements.inc()
-            logger.warning(
-                "Dropped the %s of delivery tag %d: the channel it arrived on is closed, "
-                "so the broker redelivers the message.",
-                outcome.value,
-                delivery.delivery_tag,
-            )
+    def _settle(self, session: Session, delivery: Delivery, outcome: Outcome) -> None:
+        if not self._is_current(session, delivery):
+            self._drop_result(delivery, outcome)
             return
-        self._unsettled.pop(delivery.delivery_tag, None)
+        self._metrics.in_flight.dec()
+        session.unsettled.pop(delivery.delivery_tag, None)
+        channel = delivery.channel
         if outcome is Outcome.ACK:
             channel.basic_ack(delivery_tag=delivery.delivery_tag)
         elif outcome is Outcome.REJECT:
@@ -418,16 +586,18 @@ class Consumer:
             channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
             self._metrics.requeued.inc()
 
-    # Worker threads.
+    def _drop_result(self, delivery: Delivery, outcome: Outcome | None = None) -> None:
+        """Drop the result of a delivery whose channel has closed; the broker requeued it."""
+        self._metrics.in_flight.dec()
+        self._metrics.stale_settlements.inc()
+        logger.warning(
+            "Dropped the %s of delivery tag %d: the channel it arrived on is closed, "
+            "so the broker redelivers the message.",
+            (outcome or delivery.outcome or Outcome.REJECT).value,
+            delivery.delivery_tag,
+        )
 
-    def _wake_io(self) -> None:
-        connection = self._connection
-        if connection is None:
-            return
-        # ConnectionWrongStateError: the connection closed meanwhile, and the
-        # I/O thread settles the result once it has reconnected.
-        with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
-            connection.add_callback_threadsafe(self._on_woken)
+    # Tasks.
 
     def _execute(self, delivery: Delivery) -> Outcome:
         started = time.monotonic()
@@ -485,3 +655,7 @@ def _access_error_message(error: BaseException) -> str:
         f"The broker refused access ({_describe(error)}); check the username, password "
         "and the user's permissions on the vhost and queue."
     )
+
+
+def _do_nothing() -> None:
+    """A callback whose only effect is to end the connection holder's wait on the socket."""

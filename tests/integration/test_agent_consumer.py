@@ -249,6 +249,27 @@ def test_prefetch_runs_tasks_concurrently(
 
 
 @pytest.mark.timeout(60)
+def test_message_published_during_long_task_starts_at_once(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    # The thread that received the long task runs it; another thread must
+    # take over the connection to receive and start the second message.
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost, prefetch_count=2)
+    publish(broker, vhost, QUEUE, {"id": "long", "sleep_seconds": 8, "record_file": str(records)})
+    wait_for_record(records, "start", 1, agent)
+    published = time.time()
+    publish(broker, vhost, QUEUE, {"id": "short", "record_file": str(records)})
+
+    ends = wait_for_record(records, "end", 1, agent)
+    assert ends[0]["id"] == "short"
+    assert float(ends[0]["time"]) - published < 3
+    wait_for_record(records, "end", 2, agent, timeout_seconds=30)
+    assert agent.stop() == 0
+    assert queue_counts(broker, vhost, QUEUE) == (0, 0)
+
+
+@pytest.mark.timeout(60)
 def test_health_endpoints_and_metrics(
     agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
 ) -> None:

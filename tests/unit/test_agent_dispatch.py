@@ -1,114 +1,94 @@
-"""The worker pool: hand-off, results, abandonment and wake-ups, without a broker."""
+"""The per-connection delivery state the consumer's threads share, without a broker."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-
 import pytest
-from openchecker_agent.dispatch import Delivery, DeliveryState, Outcome, WorkerPool
+from openchecker_agent.dispatch import Completion, Delivery, DeliveryState, Outcome, Session
 from openchecker_agent.errors import ConfigError
 from openchecker_agent.handlers import UndecodableMessageError, decode_message, load_handler
 
 
-class Gate:
-    """An execute function whose calls block until the test opens the gate."""
-
-    def __init__(self) -> None:
-        self.opened = threading.Event()
-        self.started = threading.Semaphore(0)
-
-    def __call__(self, delivery: Delivery) -> Outcome:
-        self.started.release()
-        self.opened.wait(10)
-        return Outcome.REJECT if delivery.body == b"fail" else Outcome.ACK
+def delivery(tag: int) -> Delivery:
+    return Delivery(channel=None, delivery_tag=tag, redelivered=False, body=b"{}")
 
 
-@pytest.fixture
-def gate() -> Gate:
-    return Gate()
+def session_with(*tags: int) -> Session:
+    session = Session(connection=None, channel=None)
+    for tag in tags:
+        session.receive(delivery(tag))
+    return session
 
 
-@pytest.fixture
-def wakeups() -> list[int]:
-    return []
+def test_deliveries_start_in_arrival_order() -> None:
+    session = session_with(1, 2)
+
+    first = session.start_next()
+    second = session.start_next()
+
+    assert first is not None and second is not None
+    assert (first.delivery_tag, second.delivery_tag) == (1, 2)
+    assert first.state is DeliveryState.RUNNING
+    assert session.start_next() is None
+    assert not session.has_pending()
 
 
-@pytest.fixture
-def pool(gate: Gate, wakeups: list[int]) -> Iterator[WorkerPool]:
-    workers = WorkerPool(2, gate, lambda: wakeups.append(1))
-    yield workers
-    gate.opened.set()
-    workers.close()
+def test_completed_deliveries_wait_for_settlement() -> None:
+    session = session_with(1, 2, 3)
+    first, second = session.start_next(), session.start_next()
+    assert first is not None and second is not None
+
+    assert session.complete(first, Outcome.ACK) is Completion.RECORDED
+    assert session.complete(second, Outcome.REJECT) is Completion.RECORDED
+
+    # One still pending, two finished but not settled.
+    assert session.busy_count() == 3
+    results = session.take_results()
+    assert [(item.delivery_tag, item.outcome) for item in results] == [
+        (1, Outcome.ACK),
+        (2, Outcome.REJECT),
+    ]
+    assert session.busy_count() == 1
 
 
-def delivery(tag: int, body: bytes = b"{}") -> Delivery:
-    return Delivery(channel=None, delivery_tag=tag, redelivered=False, body=body)
+def test_abandoned_deliveries_never_report() -> None:
+    session = session_with(1, 2)
+    running = session.start_next()
+    assert running is not None
+
+    pending = session.abandon_pending()
+    abandoned = session.abandon_running()
+
+    assert [item.delivery_tag for item in pending] == [2]
+    assert abandoned == [running]
+    assert session.complete(running, Outcome.ACK) is Completion.ABANDONED
+    assert session.take_results() == []
+    assert session.busy_count() == 0
 
 
-@pytest.mark.timeout(10)
-def test_results_come_back_with_outcomes(pool: WorkerPool, gate: Gate) -> None:
-    pool.submit(delivery(1))
-    pool.submit(delivery(2, b"fail"))
-    gate.opened.set()
+def test_results_after_the_session_ended_are_not_kept() -> None:
+    session = session_with(1, 2)
+    early, late = session.start_next(), session.start_next()
+    assert early is not None and late is not None
+    session.complete(early, Outcome.ACK)
 
-    results: list[Delivery] = []
-    while len(results) < 2:
-        results.extend(pool.wait_for_results(5))
-
-    outcomes = {item.delivery_tag: item.outcome for item in results}
-    assert outcomes == {1: Outcome.ACK, 2: Outcome.REJECT}
-    assert pool.busy_count() == 0
+    assert session.end() == [early]
+    assert session.complete(late, Outcome.ACK) is Completion.SESSION_ENDED
+    assert late.outcome is Outcome.ACK
+    assert session.take_results() == []
 
 
-@pytest.mark.timeout(10)
-def test_runs_at_most_pool_size_at_once(pool: WorkerPool, gate: Gate) -> None:
-    for tag in (1, 2, 3):
-        pool.submit(delivery(tag))
-    assert gate.started.acquire(timeout=5)
-    assert gate.started.acquire(timeout=5)
+def test_one_wakeup_outstanding_until_it_runs() -> None:
+    session = session_with(1, 2)
+    first, second = session.start_next(), session.start_next()
+    assert first is not None and second is not None
 
-    assert not gate.started.acquire(timeout=0.3)
-    assert pool.busy_count() == 3
+    session.complete(first, Outcome.ACK)
+    assert session.claim_wake()
+    session.complete(second, Outcome.ACK)
+    assert not session.claim_wake()
 
-
-@pytest.mark.timeout(10)
-def test_abandoned_deliveries_never_report(pool: WorkerPool, gate: Gate) -> None:
-    for tag in (1, 2, 3):
-        pool.submit(delivery(tag))
-    assert gate.started.acquire(timeout=5)
-    assert gate.started.acquire(timeout=5)
-
-    queued = pool.abandon_queued()
-    running = pool.abandon_running()
-    gate.opened.set()
-
-    assert [item.delivery_tag for item in queued] == [3]
-    assert sorted(item.delivery_tag for item in running) == [1, 2]
-    assert all(item.state is DeliveryState.ABANDONED for item in queued + running)
-    assert pool.wait_idle(5)
-    assert pool.take_completed() == []
-
-
-@pytest.mark.timeout(10)
-def test_socket_wait_triggers_one_wakeup(pool: WorkerPool, gate: Gate, wakeups: list[int]) -> None:
-    assert pool.begin_socket_wait()
-    pool.submit(delivery(1))
-    pool.submit(delivery(2))
-    gate.opened.set()
-    assert pool.wait_idle(5)
-
-    assert wakeups == [1]
-    pool.end_socket_wait()
-    assert not pool.begin_socket_wait()
-    assert len(pool.take_completed()) == 2
-
-
-@pytest.mark.timeout(10)
-def test_interrupt_ends_wait(pool: WorkerPool) -> None:
-    pool.interrupt()
-
-    assert pool.wait_for_results(5) == []
+    assert len(session.take_results_when_woken()) == 2
+    assert session.claim_wake()
 
 
 def test_decode_message_accepts_object() -> None:
