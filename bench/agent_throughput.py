@@ -6,14 +6,15 @@ inline in pika's callback; the agent runs a no-op handler in one of its
 threads and acks from the thread holding the connection. The script prints
 messages per second of each, their ratio (target: 0.9 at prefetch 1), the
 thread context switches per message of each, what a thread wake-up costs
-here, and the resident memory of an idle `openchecker-agent` process.
+here, and the resident memory and CPU use of an idle `openchecker-agent`
+process.
 
 Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else the
 broker the tests use: the `make env-up` one when it runs, or a private node
 started with openchecker_testenv.
 Bounded: a fixed number of messages per round and a timeout per round.
 
-    python bench/agent_throughput.py [--messages 5000] [--rounds 5]
+    python bench/agent_throughput.py [--messages 5000] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -44,13 +45,14 @@ from openchecker_agent.metrics import AgentMetrics
 
 ROUND_TIMEOUT_SECONDS = 120.0
 IDLE_SECONDS = 3.0
+IDLE_CPU_SECONDS = 20.0
 TARGET_RATIO = 0.9
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5_000, help="messages per round")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds per consumer and prefetch")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds per consumer and prefetch")
     arguments = parser.parse_args()
     with _broker_url() as url:
         ratios: dict[int, float] = {}
@@ -58,7 +60,10 @@ def main() -> int:
             bare, agent, round_ratios = _compare(
                 url, prefetch, arguments.messages, arguments.rounds
             )
-            ratios[prefetch] = agent.rate / bare.rate
+            # The median of the per-round ratios: each round pairs the two
+            # consumers back to back, so drift in the machine's speed over
+            # the run cancels out better than in a ratio of medians.
+            ratios[prefetch] = statistics.median(round_ratios)
             print(
                 f"prefetch {prefetch:>2}: bare pika {bare.rate:8.0f} msg/s, "
                 f"agent {agent.rate:8.0f} msg/s, ratio {ratios[prefetch]:.2f} "
@@ -73,8 +78,8 @@ def main() -> int:
             f"(pure Python, no broker): {_handoff_round_trip_microseconds():.1f} us",
             flush=True,
         )
-        rss_kib = _idle_agent_rss_kib(url)
-    print(f"idle agent RSS: {rss_kib / 1024:.1f} MiB")
+        rss_kib, cpu_milliseconds = _idle_agent(url)
+    print(f"idle agent: RSS {rss_kib / 1024:.1f} MiB, CPU {cpu_milliseconds:.2f} ms per second")
     return 0
 
 
@@ -301,7 +306,12 @@ def _handoff_round_trip_microseconds(rounds: int = 20_000) -> float:
 # Idle memory of a real agent process.
 
 
-def _idle_agent_rss_kib(url: str) -> int:
+def _idle_agent(url: str) -> tuple[int, float]:
+    """Return an idle agent's resident memory in KiB and its CPU milliseconds per second.
+
+    The agent starts, connects and settles for IDLE_SECONDS; its CPU time
+    is then measured over IDLE_CPU_SECONDS of an empty queue.
+    """
     queue = f"bench-idle-{uuid.uuid4().hex[:8]}"
     settings = _agent_settings(url, queue, 1)
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -316,6 +326,9 @@ def _idle_agent_rss_kib(url: str) -> int:
         )
         try:
             time.sleep(IDLE_SECONDS)
+            cpu_before = _cpu_seconds(agent.pid)
+            time.sleep(IDLE_CPU_SECONDS)
+            cpu_milliseconds = (_cpu_seconds(agent.pid) - cpu_before) * 1000 / IDLE_CPU_SECONDS
             status = Path(f"/proc/{agent.pid}/status").read_text()
         finally:
             agent.terminate()
@@ -324,8 +337,15 @@ def _idle_agent_rss_kib(url: str) -> int:
     connection.close()
     for line in status.splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1])
+            return int(line.split()[1]), cpu_milliseconds
     raise SystemExit("VmRSS not found in /proc/PID/status")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, from /proc/PID/stat."""
+    # The fields after the command name, which is in parentheses and may hold spaces.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _render(settings: AgentSettings, handler: str) -> str:

@@ -104,6 +104,9 @@ class Consumer:
         self._line = threading.Condition(line_lock)
         self._front = threading.Condition(line_lock)
         self._next_in_line_waiting = False
+        self._next_in_line_parked = False
+        # How often member threads have released the connection.
+        self._departures = 0
         # Set when the supervisor must act: a stop request or a failed session.
         self._attention = threading.Event()
         # Guards the published session and the shutdown flag.
@@ -186,8 +189,10 @@ class Consumer:
                 self._settings.rabbitmq.vhost,
                 self._settings.rabbitmq.connection_name,
             )
-            self._publish(session)
+            # Released before publishing: a member thread that sees the
+            # session finds the connection free.
             self._connection_turn.release()
+            self._publish(session)
             try:
                 while not (self._stop.is_set() or session.closing.is_set()):
                     self._attention.wait()
@@ -334,14 +339,9 @@ class Consumer:
             try:
                 delivery = self._lead(session)
             finally:
-                self._connection_turn.release()
+                self._leave_connection(session)
             if delivery is None:
                 return
-            if session.has_pending():
-                # Another delivery waits to start: wake the next in line to
-                # take the connection and start it in parallel.
-                with self._line:
-                    self._front.notify()
             outcome = self._execute(delivery)
             holding = self._report(session, delivery, outcome)
 
@@ -349,12 +349,15 @@ class Consumer:
         """Wait until this thread holds the connection; False once the session is closing.
 
         One thread, the next in line, checks every VACANCY_CHECK_SECONDS
-        whether the connection is free, and at once when a delivery waits
-        to start; the others wait for its place. Leaving the connection to
-        run a task wakes nobody: a short task ends before the next check,
-        and its thread takes the connection straight back. A thread woken
-        at each departure would cost each message a futex wake-up and, once
-        running, time on the GIL.
+        whether the connection is free; the others wait for its place.
+        Leaving the connection to run a task wakes nobody: a short task ends
+        before the next check, and its thread takes the connection straight
+        back. (Waking a thread at each departure would cost each message a
+        futex wake-up and, once that thread runs, time on the GIL.)
+
+        When the holder has not left the connection since the last check,
+        the queue is quiet: the next in line stops checking (it parks) until
+        a thread leaves the connection, so an idle agent wakes nobody.
         """
         with self._line:
             while self._next_in_line_waiting:
@@ -363,14 +366,37 @@ class Consumer:
                 self._line.wait()
             self._next_in_line_waiting = True
             try:
+                departures_seen = self._departures
+                park = False
                 while not (self._stop.is_set() or session.closing.is_set()):
                     if self._connection_turn.acquire(blocking=False):
                         return True
-                    self._front.wait(VACANCY_CHECK_SECONDS)
+                    if park:
+                        self._next_in_line_parked = True
+                        self._front.wait()
+                        self._next_in_line_parked = False
+                    else:
+                        self._front.wait(VACANCY_CHECK_SECONDS)
+                    park = self._departures == departures_seen
+                    departures_seen = self._departures
                 return False
             finally:
                 self._next_in_line_waiting = False
                 self._line.notify()
+
+    def _leave_connection(self, session: Session) -> None:
+        """Release the connection; wake the next in line if it parked or work waits.
+
+        Every release of a member thread goes through here, so a parked
+        thread never sleeps while the connection is free.
+        """
+        self._connection_turn.release()
+        with self._line:
+            self._departures += 1
+            if self._next_in_line_parked or session.has_pending():
+                # Parked, it would not look again; and a delivery waiting to
+                # start should start in parallel with this thread's task.
+                self._front.notify()
 
     def _lead(self, session: Session) -> Delivery | None:
         """Serve the connection until a delivery is ready to run; None when the session ends.
