@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -49,10 +50,12 @@ def always_fail(message: Mapping[str, Any], context: HandlerContext) -> None:
 
 
 def fail_when_asked(message: Mapping[str, Any], context: HandlerContext) -> None:
-    """Raise when the message has `"fail": true`, else succeed at once."""
+    """Raise when the message has `"fail": true`, call sys.exit with `"exit": true`."""
     _record(message, context, "start")
     if message.get("fail"):
         raise RuntimeError(f"failure requested by message {message.get('id')}")
+    if message.get("exit"):
+        sys.exit(f"exit requested by message {message.get('id')}")
 
 
 def do_nothing(message: Mapping[str, Any], context: HandlerContext) -> None:

@@ -40,7 +40,7 @@ import pika.exceptions
 from .amqp import ACCESS_REFUSED, NOT_FOUND, build_connection_parameters, is_fatal_connection_error
 from .backoff import Backoff
 from .config import AgentSettings
-from .dispatch import Completion, Delivery, Outcome, Session
+from .dispatch import Completion, Delivery, Outcome, Session, TaskSlots
 from .errors import FatalBrokerError
 from .handlers import Handler, HandlerContext, UndecodableMessageError, decode_message
 from .metrics import AgentMetrics
@@ -114,6 +114,7 @@ class Consumer:
         self._session: Session | None = None
         self._shutting_down = False
         self._members: list[threading.Thread] = []
+        self._task_slots = TaskSlots(self._prefetch_count)
         self._connections_opened = 0
 
     @property
@@ -137,9 +138,8 @@ class Consumer:
         with self._sessions:
             session = self._session
         if session is not None:
-            # Ends the holder's wait on the socket, so it gives the connection back.
-            with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
-                session.connection.add_callback_threadsafe(_do_nothing)
+            # The holder then notices the stop and gives the connection back.
+            self._wake_holder(session)
 
     def run(self) -> None:
         """Consume until stopped; reconnect on every error that retrying can fix.
@@ -154,6 +154,13 @@ class Consumer:
                 except (*SESSION_ERRORS, ChannelLostError) as error:
                     if is_fatal_connection_error(error):
                         raise FatalBrokerError(_access_error_message(error)) from error
+                    if self._stop.is_set():
+                        logger.warning(
+                            "Lost the broker connection while stopping (%s); the broker "
+                            "requeues every message not acked yet.",
+                            _describe(error),
+                        )
+                        break
                     self._wait_before_reconnect(error)
         finally:
             self._finish_shutdown()
@@ -342,7 +349,10 @@ class Consumer:
                 self._leave_connection(session)
             if delivery is None:
                 return
-            outcome = self._execute(delivery)
+            try:
+                outcome = self._execute(delivery)
+            finally:
+                self._task_slots.give_back()
             holding = self._report(session, delivery, outcome)
 
     def _wait_for_turn(self, session: Session) -> bool:
@@ -409,7 +419,7 @@ class Consumer:
             while True:
                 if self._stop.is_set() or session.closing.is_set():
                     return None
-                delivery = session.start_next()
+                delivery = session.start_next(self._task_slots)
                 if delivery is not None:
                     return delivery
                 self._settle_batch(session, session.take_results())
@@ -426,6 +436,12 @@ class Consumer:
         if completion is Completion.SESSION_ENDED:
             self._drop_result(delivery)
         if completion is not Completion.RECORDED:
+            # The task's slot is free: the current connection may have a
+            # delivery that waits for one.
+            with self._sessions:
+                current = self._session
+            if current is not None and current.has_pending():
+                self._wake_holder(current)
             return False
         if self._connection_turn.acquire(blocking=False):
             # The connection is free: this thread settles the result itself.
@@ -438,6 +454,13 @@ class Consumer:
                     functools.partial(self._on_woken, session)
                 )
         return False
+
+    @staticmethod
+    def _wake_holder(session: Session) -> None:
+        """End the wait on the socket of whichever thread holds the session's connection."""
+        # ConnectionWrongStateError: the connection has closed, and no thread waits on it.
+        with contextlib.suppress(pika.exceptions.ConnectionWrongStateError):
+            session.connection.add_callback_threadsafe(_do_nothing)
 
     def _fail(self, session: Session, error: BaseException) -> None:
         if session.error is None:
@@ -646,8 +669,10 @@ class Consumer:
         )
         try:
             self._handler(message, context)
-        except Exception:
+        except BaseException:
             # Any handler failure fails the task: the broker dead-letters it.
+            # That includes SystemExit from a handler calling sys.exit(),
+            # which would otherwise end this thread with the delivery unsettled.
             logger.exception(
                 "Handler failed on delivery tag %d (message id %s); rejecting it so the "
                 "broker dead-letters it.",

@@ -67,6 +67,36 @@ class Delivery:
     outcome: Outcome | None = None
 
 
+class TaskSlots:
+    """The number of tasks that may run at once, across all connections.
+
+    The limit is the prefetch count. Tasks of a lost connection keep running
+    beside the deliveries of the next one, and hold their slots until they
+    end: so at most the prefetch count of the agent's threads are in tasks,
+    and one is always free to serve the connection and its heartbeats.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._in_use = 0
+        self._lock = threading.Lock()
+
+    def try_take(self) -> bool:
+        with self._lock:
+            if self._in_use >= self._limit:
+                return False
+            self._in_use += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._lock:
+            self._in_use -= 1
+
+    @property
+    def in_use(self) -> int:
+        return self._in_use
+
+
 class Session:
     """What the threads share about one open connection and its channel.
 
@@ -99,10 +129,15 @@ class Session:
         with self._lock:
             self._pending.append(delivery)
 
-    def start_next(self) -> Delivery | None:
-        """Take the oldest pending delivery for the calling thread to run, if any."""
+    def start_next(self, slots: TaskSlots) -> Delivery | None:
+        """Take the oldest pending delivery for the calling thread to run.
+
+        Returns None when none is pending or no task slot is free; a
+        returned delivery holds a slot, which the caller gives back when the
+        task ends.
+        """
         with self._lock:
-            if not self._pending:
+            if not self._pending or not slots.try_take():
                 return None
             delivery = self._pending.popleft()
             delivery.state = DeliveryState.RUNNING

@@ -39,8 +39,10 @@ def decode_message(body: bytes) -> dict[str, Any]:
     """
     try:
         message = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        # Both mean the publisher sent something other than a JSON document.
+    except (ValueError, RecursionError) as error:
+        # ValueError covers invalid UTF-8, invalid JSON and integers past
+        # Python's digit limit; RecursionError, arrays or objects nested
+        # too deep. All mean the body is not a document the agent can run.
         raise UndecodableMessageError(f"the body is not UTF-8 JSON ({error})") from error
     if not isinstance(message, dict):
         raise UndecodableMessageError(

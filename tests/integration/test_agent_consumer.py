@@ -178,24 +178,30 @@ def test_failures_are_dead_lettered(
     agent = run_agent(
         agents, tmp_path, broker, vhost, handler="support_agent_handlers:fail_when_asked"
     )
+    # Too deeply nested for Python's JSON decoder, which raises RecursionError.
+    nested = b"[" * 100_000
     publish(broker, vhost, QUEUE, {"id": 1, "fail": True, "record_file": str(records)})
     publish(broker, vhost, QUEUE, b"this is not JSON {")
-    publish(broker, vhost, QUEUE, {"id": 3, "record_file": str(records)})
+    publish(broker, vhost, QUEUE, nested)
+    publish(broker, vhost, QUEUE, {"id": 4, "exit": True, "record_file": str(records)})
+    publish(broker, vhost, QUEUE, {"id": 5, "record_file": str(records)})
 
     wait_for(
-        lambda: queue_counts(broker, vhost, DLQ)[0] == 2,
+        lambda: queue_counts(broker, vhost, DLQ)[0] == 4,
         timeout_seconds=15,
-        message=f"the DLQ did not get both failures; agent log:\n{agent.log()}",
+        message=f"the DLQ did not get all four failures; agent log:\n{agent.log()}",
     )
-    wait_for_record(records, "start", 2, agent)
+    wait_for_record(records, "start", 3, agent)
     assert queue_counts(broker, vhost, QUEUE) == (0, 1)
     dead = take_messages(broker, vhost, DLQ)
     reasons = [headers["x-death"][0]["reason"] for headers, _body in dead]
-    assert reasons == ["rejected", "rejected"]
-    assert dead[1][1] == b"this is not JSON {"
+    assert reasons == ["rejected"] * 4
+    assert [body for _headers, body in dead][1:3] == [b"this is not JSON {", nested]
     log = agent.log()
     assert "Handler failed on delivery tag 1" in log
     assert "Rejected delivery tag 2" in log
+    assert "Rejected delivery tag 3" in log
+    assert "Handler failed on delivery tag 4" in log
     assert agent.stop() == 0
 
 
@@ -226,6 +232,44 @@ def test_consumes_again_after_queue_recreated(
     assert agent.process.poll() is None
     assert "was not found in vhost" in agent.log()
     assert agent.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_tasks_of_a_lost_connection_keep_the_new_one_served(
+    agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
+) -> None:
+    # The tasks of the closed connection keep running, and the broker
+    # redelivers their messages on the next one. The redeliveries must wait
+    # for those tasks: otherwise every thread is in a task, none reads the
+    # socket, and the broker closes the connection for missed heartbeats.
+    records = tmp_path / "records.jsonl"
+    agent = run_agent(agents, tmp_path, broker, vhost, prefetch_count=2, heartbeat_interval_s=2)
+    names = wait_for(
+        lambda: connection_names(broker, agent.connection_name),
+        timeout_seconds=20,
+        message="the agent's connection is not listed by the management API",
+    )
+    for index in range(2):
+        publish(
+            broker, vhost, QUEUE, {"id": index, "sleep_seconds": 8, "record_file": str(records)}
+        )
+    wait_for_record(records, "start", 2, agent)
+
+    close_connection(broker, names[0])
+
+    wait_for_record(records, "end", 4, agent, timeout_seconds=60)
+    wait_for(
+        lambda: queue_counts(broker, vhost, QUEUE) == (0, 1),
+        timeout_seconds=15,
+        message=f"the redelivered messages were not acked; agent log:\n{agent.log()}",
+    )
+    assert agent.stop() == 0
+    log = agent.log()
+    assert log.count("Lost the broker connection") == 1, log
+    running = 0
+    for record in sorted(read_records(records), key=lambda item: float(item["time"])):
+        running += 1 if record["event"] == "start" else -1
+        assert running <= 2, "more tasks ran at once than the prefetch count"
 
 
 @pytest.mark.timeout(60)

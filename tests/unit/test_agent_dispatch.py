@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import pytest
-from openchecker_agent.dispatch import Completion, Delivery, DeliveryState, Outcome, Session
+from openchecker_agent.dispatch import (
+    Completion,
+    Delivery,
+    DeliveryState,
+    Outcome,
+    Session,
+    TaskSlots,
+)
 from openchecker_agent.errors import ConfigError
 from openchecker_agent.handlers import UndecodableMessageError, decode_message, load_handler
 
 
 def delivery(tag: int) -> Delivery:
     return Delivery(channel=None, delivery_tag=tag, redelivered=False, body=b"{}")
+
+
+# More slots than any test here starts tasks.
+SLOTS = TaskSlots(100)
 
 
 def session_with(*tags: int) -> Session:
@@ -22,19 +33,47 @@ def session_with(*tags: int) -> Session:
 def test_deliveries_start_in_arrival_order() -> None:
     session = session_with(1, 2)
 
-    first = session.start_next()
-    second = session.start_next()
+    first = session.start_next(SLOTS)
+    second = session.start_next(SLOTS)
 
     assert first is not None and second is not None
     assert (first.delivery_tag, second.delivery_tag) == (1, 2)
     assert first.state is DeliveryState.RUNNING
-    assert session.start_next() is None
+    assert session.start_next(SLOTS) is None
     assert not session.has_pending()
+
+
+def test_no_delivery_starts_without_a_free_slot() -> None:
+    slots = TaskSlots(1)
+    session = session_with(1, 2)
+
+    first = session.start_next(slots)
+    assert first is not None
+    assert session.start_next(slots) is None
+    assert session.has_pending()
+
+    slots.give_back()
+    second = session.start_next(slots)
+    assert second is not None and second.delivery_tag == 2
+
+
+def test_slots_are_shared_across_sessions() -> None:
+    # The tasks of a lost connection keep their slots while the next
+    # connection receives deliveries.
+    slots = TaskSlots(2)
+    old, new = session_with(1, 2), session_with(1, 2)
+    assert old.start_next(slots) is not None
+    assert old.start_next(slots) is not None
+
+    assert new.start_next(slots) is None
+    slots.give_back()
+    assert new.start_next(slots) is not None
+    assert slots.in_use == 2
 
 
 def test_completed_deliveries_wait_for_settlement() -> None:
     session = session_with(1, 2, 3)
-    first, second = session.start_next(), session.start_next()
+    first, second = session.start_next(SLOTS), session.start_next(SLOTS)
     assert first is not None and second is not None
 
     assert session.complete(first, Outcome.ACK) is Completion.RECORDED
@@ -52,7 +91,7 @@ def test_completed_deliveries_wait_for_settlement() -> None:
 
 def test_abandoned_deliveries_never_report() -> None:
     session = session_with(1, 2)
-    running = session.start_next()
+    running = session.start_next(SLOTS)
     assert running is not None
 
     pending = session.abandon_pending()
@@ -67,7 +106,7 @@ def test_abandoned_deliveries_never_report() -> None:
 
 def test_results_after_the_session_ended_are_not_kept() -> None:
     session = session_with(1, 2)
-    early, late = session.start_next(), session.start_next()
+    early, late = session.start_next(SLOTS), session.start_next(SLOTS)
     assert early is not None and late is not None
     session.complete(early, Outcome.ACK)
 
@@ -79,7 +118,7 @@ def test_results_after_the_session_ended_are_not_kept() -> None:
 
 def test_one_wakeup_outstanding_until_it_runs() -> None:
     session = session_with(1, 2)
-    first, second = session.start_next(), session.start_next()
+    first, second = session.start_next(SLOTS), session.start_next(SLOTS)
     assert first is not None and second is not None
 
     session.complete(first, Outcome.ACK)
@@ -95,7 +134,19 @@ def test_decode_message_accepts_object() -> None:
     assert decode_message(b'{"a": 1}') == {"a": 1}
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b"\xff\xfe", b'"text"'])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[1, 2]",
+        b"\xff\xfe",
+        b'"text"',
+        # Nested past the decoder's recursion limit: RecursionError.
+        b"[" * 100_000,
+        # An integer past Python's digit limit for int(): ValueError.
+        b'{"n": ' + b"1" * 5_000 + b"}",
+    ],
+)
 def test_decode_message_rejects_others(body: bytes) -> None:
     with pytest.raises(UndecodableMessageError):
         decode_message(body)
