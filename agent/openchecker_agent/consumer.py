@@ -350,10 +350,10 @@ class Consumer:
             if delivery is None:
                 return
             try:
-                outcome = self._execute(delivery)
+                outcome, seconds = self._execute(delivery)
             finally:
                 self._task_slots.give_back()
-            holding = self._report(session, delivery, outcome)
+            holding = self._report(session, delivery, outcome, seconds)
 
     def _wait_for_turn(self, session: Session) -> bool:
         """Wait until this thread holds the connection; False once the session is closing.
@@ -430,10 +430,14 @@ class Consumer:
             self._fail(session, error)
             return None
 
-    def _report(self, session: Session, delivery: Delivery, outcome: Outcome) -> bool:
+    def _report(
+        self, session: Session, delivery: Delivery, outcome: Outcome, seconds: float | None
+    ) -> bool:
         """Hand a finished task's outcome to the connection; True if the caller now holds it."""
-        completion = session.complete(delivery, outcome)
-        if completion is Completion.SESSION_ENDED:
+        completion = session.complete(delivery, outcome, seconds)
+        if completion is Completion.ABANDONED:
+            self._observe_run_time(seconds)
+        elif completion is Completion.SESSION_ENDED:
             self._drop_result(delivery)
         if completion is not Completion.RECORDED:
             # The task's slot is free: the current connection may have a
@@ -610,10 +614,12 @@ class Consumer:
                 self._settle(session, delivery, Outcome.ACK)
         if folded:
             highest = max(delivery.delivery_tag for delivery in folded)
+            session.channel.basic_ack(delivery_tag=highest, multiple=True)
             for delivery in folded:
                 session.unsettled.pop(delivery.delivery_tag, None)
+                self._observe_run_time(delivery.seconds)
             self._metrics.in_flight.dec(len(folded))
-            session.channel.basic_ack(delivery_tag=highest, multiple=True)
+            self._metrics.processed.inc(len(folded))
 
     @staticmethod
     def _is_current(session: Session, delivery: Delivery) -> bool:
@@ -623,22 +629,33 @@ class Consumer:
         if not self._is_current(session, delivery):
             self._drop_result(delivery, outcome)
             return
-        self._metrics.in_flight.dec()
         session.unsettled.pop(delivery.delivery_tag, None)
         channel = delivery.channel
+        # The metrics are counted after the ack or nack is sent: at prefetch
+        # 1 the broker then already sends the next message while they run.
         if outcome is Outcome.ACK:
             channel.basic_ack(delivery_tag=delivery.delivery_tag)
+            self._metrics.processed.inc()
         elif outcome is Outcome.REJECT:
             channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=False)
             self._metrics.dead_lettered.inc()
         else:
             channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
             self._metrics.requeued.inc()
+        self._metrics.in_flight.dec()
+        self._observe_run_time(delivery.seconds)
+
+    def _observe_run_time(self, seconds: float | None) -> None:
+        # None: the handler never ran (an undecodable body, or a delivery
+        # requeued before it started).
+        if seconds is not None:
+            self._metrics.processing_seconds.observe(seconds)
 
     def _drop_result(self, delivery: Delivery, outcome: Outcome | None = None) -> None:
         """Drop the result of a delivery whose channel has closed; the broker requeued it."""
         self._metrics.in_flight.dec()
         self._metrics.stale_settlements.inc()
+        self._observe_run_time(delivery.seconds)
         logger.warning(
             "Dropped the %s of delivery tag %d: the channel it arrived on is closed, "
             "so the broker redelivers the message.",
@@ -648,8 +665,8 @@ class Consumer:
 
     # Tasks.
 
-    def _execute(self, delivery: Delivery) -> Outcome:
-        started = time.monotonic()
+    def _execute(self, delivery: Delivery) -> tuple[Outcome, float | None]:
+        """Run the handler; return the outcome and the handler's run time, None if it never ran."""
         try:
             message = decode_message(delivery.body)
         except UndecodableMessageError as error:
@@ -660,13 +677,14 @@ class Consumer:
                 error,
             )
             self._metrics.failed.inc()
-            return Outcome.REJECT
+            return Outcome.REJECT, None
         context = HandlerContext(
             settings=self._settings,
             delivery_tag=delivery.delivery_tag,
             redelivered=delivery.redelivered,
             message_id=delivery.message_id,
         )
+        started = time.monotonic()
         try:
             self._handler(message, context)
         except BaseException:
@@ -680,11 +698,8 @@ class Consumer:
                 delivery.message_id,
             )
             self._metrics.failed.inc()
-            return Outcome.REJECT
-        finally:
-            self._metrics.processing_seconds.observe(time.monotonic() - started)
-        self._metrics.processed.inc()
-        return Outcome.ACK
+            return Outcome.REJECT, time.monotonic() - started
+        return Outcome.ACK, time.monotonic() - started
 
 
 def _describe(error: BaseException) -> str:

@@ -65,6 +65,8 @@ class Delivery:
     message_id: str | None = None
     state: DeliveryState = DeliveryState.PENDING
     outcome: Outcome | None = None
+    # How long the handler ran; set when its result is recorded.
+    seconds: float | None = None
 
 
 class TaskSlots:
@@ -148,8 +150,10 @@ class Session:
         """Return True if a delivery waits to start; a hint, read without the lock."""
         return bool(self._pending)
 
-    def complete(self, delivery: Delivery, outcome: Outcome) -> Completion:
-        """Record a finished task's outcome and say what the caller does next."""
+    def complete(
+        self, delivery: Delivery, outcome: Outcome, seconds: float | None
+    ) -> Completion:
+        """Record a finished task's outcome and run time; return what the caller does next."""
         with self._lock:
             self._running.discard(delivery)
             if delivery.state is DeliveryState.ABANDONED:
@@ -157,6 +161,7 @@ class Session:
                 return Completion.ABANDONED
             delivery.state = DeliveryState.DONE
             delivery.outcome = outcome
+            delivery.seconds = seconds
             if self._ended:
                 return Completion.SESSION_ENDED
             self._results.append(delivery)

@@ -56,7 +56,7 @@ class AgentMetrics:
         )
         self.processing_seconds = Histogram(
             "openchecker_agent_processing_seconds",
-            "Time from a task's start in a worker to its handler's return or exception.",
+            "Run time of the handler, from its call to its return or exception.",
             buckets=PROCESSING_BUCKETS,
             registry=self.registry,
         )

@@ -76,8 +76,8 @@ def test_completed_deliveries_wait_for_settlement() -> None:
     first, second = session.start_next(SLOTS), session.start_next(SLOTS)
     assert first is not None and second is not None
 
-    assert session.complete(first, Outcome.ACK) is Completion.RECORDED
-    assert session.complete(second, Outcome.REJECT) is Completion.RECORDED
+    assert session.complete(first, Outcome.ACK, 0.1) is Completion.RECORDED
+    assert session.complete(second, Outcome.REJECT, 0.1) is Completion.RECORDED
 
     # One still pending, two finished but not settled.
     assert session.busy_count() == 3
@@ -99,7 +99,7 @@ def test_abandoned_deliveries_never_report() -> None:
 
     assert [item.delivery_tag for item in pending] == [2]
     assert abandoned == [running]
-    assert session.complete(running, Outcome.ACK) is Completion.ABANDONED
+    assert session.complete(running, Outcome.ACK, 0.1) is Completion.ABANDONED
     assert session.take_results() == []
     assert session.busy_count() == 0
 
@@ -108,10 +108,10 @@ def test_results_after_the_session_ended_are_not_kept() -> None:
     session = session_with(1, 2)
     early, late = session.start_next(SLOTS), session.start_next(SLOTS)
     assert early is not None and late is not None
-    session.complete(early, Outcome.ACK)
+    session.complete(early, Outcome.ACK, 0.1)
 
     assert session.end() == [early]
-    assert session.complete(late, Outcome.ACK) is Completion.SESSION_ENDED
+    assert session.complete(late, Outcome.ACK, 0.1) is Completion.SESSION_ENDED
     assert late.outcome is Outcome.ACK
     assert session.take_results() == []
 
@@ -121,9 +121,9 @@ def test_one_wakeup_outstanding_until_it_runs() -> None:
     first, second = session.start_next(SLOTS), session.start_next(SLOTS)
     assert first is not None and second is not None
 
-    session.complete(first, Outcome.ACK)
+    session.complete(first, Outcome.ACK, 0.1)
     assert session.claim_wake()
-    session.complete(second, Outcome.ACK)
+    session.complete(second, Outcome.ACK, 0.1)
     assert not session.claim_wake()
 
     assert len(session.take_results_when_woken()) == 2
