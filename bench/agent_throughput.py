@@ -3,18 +3,19 @@
 Both consume the same number of pre-published messages from a fresh queue
 with the same connection settings and prefetch count. The bare consumer acks
 inline in pika's callback; the agent runs a no-op handler in one of its
-threads and acks from the thread holding the connection. The script prints
-messages per second of each, their ratio (target: 0.9 at prefetch 1), the
-thread context switches per message of each, what a thread wake-up costs
-here, and the resident memory and CPU use of an idle `openchecker-agent`
-process.
+threads and acks from the thread holding the connection. Each consumer is
+timed from its first message to its last, so connecting does not count.
+The script prints messages per second of each, their ratio (target: 0.9 at
+prefetch 1), the thread context switches per message of each, what a thread
+wake-up costs here, and the resident memory and CPU use of an idle
+`openchecker-agent` process.
 
 Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else the
 broker the tests use: the `make env-up` one when it runs, or a private node
 started with openchecker_testenv.
 Bounded: a fixed number of messages per round and a timeout per round.
 
-    python bench/agent_throughput.py [--messages 5000] [--rounds 7]
+    python bench/agent_throughput.py [--messages 5000] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ TARGET_RATIO = 0.9
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5_000, help="messages per round")
-    parser.add_argument("--rounds", type=int, default=7, help="rounds per consumer and prefetch")
+    parser.add_argument("--rounds", type=int, default=9, help="rounds per consumer and prefetch")
     arguments = parser.parse_args()
     with _broker_url() as url:
         ratios: dict[int, float] = {}
@@ -151,7 +152,7 @@ def _run_round(
     url: str,
     prefetch: int,
     count: int,
-    consume: Callable[[str, str, int, int], tuple[float, int]],
+    consume: Callable[[str, str, int, Stopwatch], None],
 ) -> tuple[float, float]:
     """Return messages per second and thread context switches per message."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
@@ -165,18 +166,62 @@ def _run_round(
         # A passive declare returns only after the broker has taken every
         # publish above, so the consumer starts with a full queue.
         channel.queue_declare(queue, passive=True)
-        seconds, switches = consume(url, queue, prefetch, count)
+        stopwatch = Stopwatch(count)
+        consume(url, queue, prefetch, stopwatch)
         channel.queue_delete(queue)
     finally:
         connection.close()
-    return count / seconds, switches / count
+    if not stopwatch.done.is_set():
+        raise SystemExit(
+            f"a consumer got {stopwatch.received} of {count} messages "
+            f"within {ROUND_TIMEOUT_SECONDS:.0f} s"
+        )
+    return stopwatch.rate(), stopwatch.switches_per_message()
+
+
+class Stopwatch:
+    """A timer of one consumer, from its first message to its last one.
+
+    Connecting and registering the consumer fall outside the time, so the
+    rate is each consumer's steady rate, whatever its start costs. It is
+    safe to call from the consumer's threads, and its lock costs both
+    consumers the same.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.received = 0
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._first = 0.0
+        self._last = 0.0
+        self._switches_at_first = 0
+        self._switches_at_last = 0
+
+    def message(self) -> None:
+        """Count one message; the consumer calls it once per message, as it handles it."""
+        with self._lock:
+            self.received += 1
+            if self.received == 1:
+                self._switches_at_first = _context_switches()
+                self._first = time.perf_counter()
+            elif self.received == self.count:
+                self._last = time.perf_counter()
+                self._switches_at_last = _context_switches()
+                self.done.set()
+
+    def rate(self) -> float:
+        return (self.count - 1) / (self._last - self._first)
+
+    def switches_per_message(self) -> float:
+        return (self._switches_at_last - self._switches_at_first) / (self.count - 1)
 
 
 def _context_switches() -> int:
     """Voluntary and involuntary context switches of this process's live threads.
 
-    Each consumer reads it before and after consuming, before its threads
-    stop, so the difference covers every thread that consumed.
+    Read at the first and at the last message, while the consumer's threads
+    all run, so the difference covers every thread that consumed.
     """
     total = 0
     for status in Path("/proc/self/task").glob("*/status"):
@@ -187,10 +232,8 @@ def _context_switches() -> int:
     return total
 
 
-def _consume_bare(url: str, queue: str, prefetch: int, count: int) -> tuple[float, int]:
+def _consume_bare(url: str, queue: str, prefetch: int, stopwatch: Stopwatch) -> None:
     connection = pika.BlockingConnection(_parameters(url))
-    received = 0
-    switches = 0
     try:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=prefetch)
@@ -198,56 +241,29 @@ def _consume_bare(url: str, queue: str, prefetch: int, count: int) -> tuple[floa
         def on_message(
             channel: Any, method: Any, _properties: pika.BasicProperties, _body: bytes
         ) -> None:
-            nonlocal received
             channel.basic_ack(method.delivery_tag)
-            received += 1
-            if received == count:
-                channel.stop_consuming()
+            stopwatch.message()
 
         channel.basic_consume(queue, on_message)
-        switches_before = _context_switches()
-        started = time.perf_counter()
-        deadline = started + ROUND_TIMEOUT_SECONDS
-        while received < count and time.perf_counter() < deadline:
+        deadline = time.monotonic() + ROUND_TIMEOUT_SECONDS
+        while not stopwatch.done.is_set() and time.monotonic() < deadline:
             connection.process_data_events(time_limit=1.0)
-        elapsed = time.perf_counter() - started
-        switches = _context_switches() - switches_before
     finally:
         connection.close()
-    if received < count:
-        raise SystemExit(f"bare consumer got {received} of {count} messages in time")
-    return elapsed, switches
 
 
-def _consume_with_agent(url: str, queue: str, prefetch: int, count: int) -> tuple[float, int]:
-    settings = _agent_settings(url, queue, prefetch)
-    done = threading.Event()
-    handled = 0
-    lock = threading.Lock()
-
+def _consume_with_agent(url: str, queue: str, prefetch: int, stopwatch: Stopwatch) -> None:
     def handle(_message: Mapping[str, Any], _context: HandlerContext) -> None:
-        nonlocal handled
-        with lock:
-            handled += 1
-            if handled == count:
-                done.set()
+        stopwatch.message()
 
-    metrics = AgentMetrics()
-    consumer = Consumer(settings, handle, metrics)
+    consumer = Consumer(_agent_settings(url, queue, prefetch), handle, AgentMetrics())
     thread = threading.Thread(target=consumer.run, name="bench-agent", daemon=True)
-    switches_before = _context_switches()
-    started = time.perf_counter()
     thread.start()
-    finished = done.wait(ROUND_TIMEOUT_SECONDS)
-    # Ends at the last handler call; its ack follows within microseconds,
-    # which is noise next to thousands of messages.
-    elapsed = time.perf_counter() - started
-    switches = _context_switches() - switches_before
+    # The last handler call ends the time; its ack follows within
+    # microseconds, which is noise next to thousands of messages.
+    stopwatch.done.wait(ROUND_TIMEOUT_SECONDS)
     consumer.request_stop()
     thread.join(30)
-    if not finished:
-        raise SystemExit(f"agent handled {handled} of {count} messages in time")
-    return elapsed, switches
 
 
 def _parameters(url: str) -> pika.ConnectionParameters:
