@@ -48,13 +48,13 @@ from .metrics import AgentMetrics
 logger = logging.getLogger(__name__)
 
 # Maximum time the connection's holder blocks on the socket before it checks
-# the stop flag and its timers again; a stop request also wakes it at once.
+# the stop flag and its timers again. A stop request also wakes it at once.
 SOCKET_WAIT_SECONDS = 1.0
 
 # How often the next thread in line checks whether the connection is free.
-# A thread that leaves it to run a long task is replaced within this time;
-# until then nobody reads the socket, which delays heartbeats (sent every
-# few seconds at the least) and deliveries from a queue that was empty.
+# A thread that leaves it to run a long task is replaced within this time.
+# Until then no thread reads the socket, which delays heartbeats and the
+# deliveries from a queue that was empty, so it stays far below a heartbeat interval.
 VACANCY_CHECK_SECONDS = 0.05
 
 # Errors that end a connection's session; the supervisor decides whether to reconnect.
@@ -196,8 +196,8 @@ class Consumer:
                 self._settings.rabbitmq.vhost,
                 self._settings.rabbitmq.connection_name,
             )
-            # Released before publishing: a member thread that sees the
-            # session finds the connection free.
+            # Released before publishing, so a member thread that finds the
+            # session also finds the connection free.
             self._connection_turn.release()
             self._publish(session)
             try:
@@ -360,14 +360,14 @@ class Consumer:
 
         One thread, the next in line, checks every VACANCY_CHECK_SECONDS
         whether the connection is free; the others wait for its place.
-        Leaving the connection to run a task wakes nobody: a short task ends
+        Leaving the connection to run a task wakes no thread: a short task ends
         before the next check, and its thread takes the connection straight
         back. (Waking a thread at each departure would cost each message a
         futex wake-up and, once that thread runs, time on the GIL.)
 
         When the holder has not left the connection since the last check,
         the queue is quiet: the next in line stops checking (it parks) until
-        a thread leaves the connection, so an idle agent wakes nobody.
+        a thread leaves the connection, so an idle agent wakes no thread.
         """
         with self._line:
             while self._next_in_line_waiting:
@@ -631,8 +631,8 @@ class Consumer:
             return
         session.unsettled.pop(delivery.delivery_tag, None)
         channel = delivery.channel
-        # The metrics are counted after the ack or nack is sent: at prefetch
-        # 1 the broker then already sends the next message while they run.
+        # The metrics are counted after the ack or nack is sent, because at
+        # prefetch 1 the broker sends the next message only after it.
         if outcome is Outcome.ACK:
             channel.basic_ack(delivery_tag=delivery.delivery_tag)
             self._metrics.processed.inc()

@@ -116,7 +116,7 @@ class Session:
         # Deliveries of this channel not yet acked or nacked, by delivery tag.
         self.unsettled: dict[int, Delivery] = {}
         # Set when the threads must stop using the connection: the consumer
-        # is stopping, or a pika call failed (then `error` says why).
+        # is stopping, or a pika call failed (then `error` records the failure).
         self.closing = threading.Event()
         self.error: BaseException | None = None
         self._lock = threading.Lock()

@@ -235,7 +235,7 @@ def test_consumes_again_after_queue_recreated(
 
 
 @pytest.mark.timeout(120)
-def test_tasks_of_a_lost_connection_keep_the_new_one_served(
+def test_old_tasks_keep_heartbeats_alive(
     agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
 ) -> None:
     # The tasks of the closed connection keep running, and the broker
@@ -293,7 +293,7 @@ def test_prefetch_runs_tasks_concurrently(
 
 
 @pytest.mark.timeout(60)
-def test_message_published_during_long_task_starts_at_once(
+def test_new_message_starts_beside_long_task(
     agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
 ) -> None:
     # The thread that received the long task runs it; another thread must

@@ -104,7 +104,7 @@ def test_abandoned_deliveries_never_report() -> None:
     assert session.busy_count() == 0
 
 
-def test_results_after_the_session_ended_are_not_kept() -> None:
+def test_results_after_session_end_dropped() -> None:
     session = session_with(1, 2)
     early, late = session.start_next(SLOTS), session.start_next(SLOTS)
     assert early is not None and late is not None
