@@ -3,8 +3,10 @@
 Both consume the same number of pre-published messages from a fresh queue
 with the same connection settings and prefetch count. The bare consumer acks
 inline in pika's callback; the agent runs a no-op handler in one of its
-threads and acks from the thread holding the connection. Each consumer is
-timed from its first message to its last, so connecting does not count.
+threads and acks from the thread holding the connection. Both call the
+stopwatch once per message before the ack, where a handler's work happens.
+Each consumer is timed from its first message to its last, so connecting
+does not count.
 The script prints messages per second of each, their ratio (target: 0.9 at
 prefetch 1), the thread context switches per message of each, what a thread
 wake-up costs here, and the resident memory and CPU use of an idle
@@ -241,8 +243,8 @@ def _consume_bare(url: str, queue: str, prefetch: int, stopwatch: Stopwatch) -> 
         def on_message(
             channel: Any, method: Any, _properties: pika.BasicProperties, _body: bytes
         ) -> None:
-            channel.basic_ack(method.delivery_tag)
             stopwatch.message()
+            channel.basic_ack(method.delivery_tag)
 
         channel.basic_consume(queue, on_message)
         deadline = time.monotonic() + ROUND_TIMEOUT_SECONDS
