@@ -116,6 +116,15 @@ class Consumer:
         self._members: list[threading.Thread] = []
         self._task_slots = TaskSlots(self._prefetch_count)
         self._connections_opened = 0
+        # The in-flight gauge is computed from these counts when metrics are
+        # scraped, so no metric lock is taken before an ack. Only the thread
+        # holding the connection changes the first two. Other threads also
+        # drop results, so the third is changed under a lock.
+        self._received = 0
+        self._settled = 0
+        self._dropped = 0
+        self._dropped_lock = threading.Lock()
+        metrics.in_flight.set_function(self._count_in_flight)
 
     @property
     def parameters(self) -> pika.ConnectionParameters:
@@ -252,7 +261,8 @@ class Consumer:
             # Deliveries no thread has started are requeued by the broker with
             # the connection, so running them would only duplicate work.
             for delivery in session.abandon_pending():
-                self._metrics.in_flight.dec()
+                del session.unsettled[delivery.delivery_tag]
+                self._count_dropped()
                 logger.info(
                     "Skipped delivery tag %d of the closed connection before it started; "
                     "the broker redelivers it.",
@@ -340,11 +350,12 @@ class Consumer:
 
     def _take_turns(self, session: Session) -> None:
         holding = False
+        finished: list[Delivery] = []
         while True:
             if not holding and not self._wait_for_turn(session):
                 return
             try:
-                delivery = self._lead(session)
+                delivery = self._lead(session, finished)
             finally:
                 self._leave_connection(session)
             if delivery is None:
@@ -353,7 +364,7 @@ class Consumer:
                 outcome, seconds = self._execute(delivery)
             finally:
                 self._task_slots.give_back()
-            holding = self._report(session, delivery, outcome, seconds)
+            holding, finished = self._report(session, delivery, outcome, seconds)
 
     def _wait_for_turn(self, session: Session) -> bool:
         """Wait until this thread holds the connection; False once the session is closing.
@@ -383,6 +394,12 @@ class Consumer:
                         return True
                     if park:
                         self._next_in_line_parked = True
+                        # Looked at again after announcing the park, because
+                        # a thread leaving the connection reads the flag
+                        # without the lock (see _leave_connection).
+                        if self._connection_turn.acquire(blocking=False):
+                            self._next_in_line_parked = False
+                            return True
                         self._front.wait()
                         self._next_in_line_parked = False
                     else:
@@ -398,31 +415,45 @@ class Consumer:
         """Release the connection; wake the next in line if it parked or work waits.
 
         Every release of a member thread goes through here, so a parked
-        thread never sleeps while the connection is free.
+        thread never sleeps while the connection is free. The flags are read
+        without the lock, which takes it off each message's path. That is
+        safe because the GIL runs these steps in order: the next in line sets
+        `_next_in_line_parked` and then tries the connection once more before
+        it waits, and this thread releases the connection and then reads the
+        flag. So either that last try succeeds, or this read sees the flag
+        and the notify below, which waits for the lock, finds it waiting.
         """
         self._connection_turn.release()
-        with self._line:
-            self._departures += 1
-            if self._next_in_line_parked or session.has_pending():
-                # Parked, it would not look again; and a delivery waiting to
-                # start should start in parallel with this thread's task.
+        # Without the lock, two threads leaving at once may count one
+        # departure. The next in line uses the count only to see whether any
+        # thread left.
+        self._departures += 1
+        if self._next_in_line_parked or session.has_pending():
+            # Parked, it would not look again; and a delivery waiting to
+            # start should start in parallel with this thread's task.
+            with self._line:
                 self._front.notify()
 
-    def _lead(self, session: Session) -> Delivery | None:
+    def _lead(self, session: Session, finished: list[Delivery]) -> Delivery | None:
         """Serve the connection until a delivery is ready to run; None when the session ends.
 
-        The caller holds the connection. Results are settled only when no
-        delivery waits to start, that is right before waiting on the socket:
-        the acks of a batch of short tasks then fold into one.
+        The caller holds the connection. It first settles `finished`, the
+        results it took with the connection. Other results are settled only
+        when no delivery waits to start, that is right before waiting on the
+        socket: the acks of a batch of short tasks then fold into one.
         """
         try:
+            self._settle_batch(session, finished)
             while True:
                 if self._stop.is_set() or session.closing.is_set():
                     return None
-                delivery = session.start_next(self._task_slots)
-                if delivery is not None:
-                    return delivery
-                self._settle_batch(session, session.take_results())
+                # has_pending is exact here, so an empty session costs no lock.
+                if session.has_pending():
+                    delivery = session.start_next(self._task_slots)
+                    if delivery is not None:
+                        return delivery
+                if session.has_results():
+                    self._settle_batch(session, session.take_results())
                 self._check_channel(session)
                 wait_seconds = self._ensure_consuming(session)
                 session.connection.process_data_events(time_limit=wait_seconds)
@@ -432,24 +463,37 @@ class Consumer:
 
     def _report(
         self, session: Session, delivery: Delivery, outcome: Outcome, seconds: float | None
-    ) -> bool:
-        """Hand a finished task's outcome to the connection; True if the caller now holds it."""
-        completion = session.complete(delivery, outcome, seconds)
-        if completion is Completion.ABANDONED:
-            self._observe_run_time(seconds)
-        elif completion is Completion.SESSION_ENDED:
-            self._drop_result(delivery)
-        if completion is not Completion.RECORDED:
-            # The task's slot is free: the current connection may have a
-            # delivery that waits for one.
-            with self._sessions:
-                current = self._session
-            if current is not None and current.has_pending():
-                self._wake_holder(current)
-            return False
+    ) -> tuple[bool, list[Delivery]]:
+        """Hand a finished task's outcome to the connection.
+
+        Returns whether the caller now holds the connection, and if it does,
+        the results it settles before anything else.
+        """
         if self._connection_turn.acquire(blocking=False):
             # The connection is free: this thread settles the result itself.
-            return True
+            completion, results = session.complete_holding(delivery, outcome, seconds)
+            if completion is Completion.RECORDED:
+                return True, results
+            self._leave_connection(session)
+        else:
+            completion = session.complete(delivery, outcome, seconds)
+            if completion is Completion.RECORDED:
+                self._wake_to_settle(session)
+                return False, []
+        if completion is Completion.ABANDONED:
+            self._observe_run_time(seconds)
+        else:
+            self._drop_result(delivery)
+        # The task's slot is free: the current connection may have a
+        # delivery that waits for one.
+        with self._sessions:
+            current = self._session
+        if current is not None and current.has_pending():
+            self._wake_holder(current)
+        return False, []
+
+    def _wake_to_settle(self, session: Session) -> None:
+        """Make the connection's holder settle the recorded results, unless a wake-up is due."""
         if session.claim_wake():
             # ConnectionWrongStateError: the connection has closed, and the
             # supervisor drops the result when it ends the session.
@@ -457,7 +501,6 @@ class Consumer:
                 session.connection.add_callback_threadsafe(
                     functools.partial(self._on_woken, session)
                 )
-        return False
 
     @staticmethod
     def _wake_holder(session: Session) -> None:
@@ -556,16 +599,13 @@ class Consumer:
         properties: pika.spec.BasicProperties,
         body: bytes,
     ) -> None:
+        # Positional arguments, because keyword arguments cost measurably
+        # before the ack.
         delivery = Delivery(
-            channel=channel,
-            delivery_tag=method.delivery_tag,
-            redelivered=bool(method.redelivered),
-            body=body,
-            message_id=properties.message_id,
+            channel, method.delivery_tag, bool(method.redelivered), body, properties.message_id
         )
-        session.unsettled[delivery.delivery_tag] = delivery
-        self._metrics.in_flight.inc()
         session.receive(delivery)
+        self._received += 1
 
     def _on_cancelled_by_broker(self, session: Session, method_frame: Any) -> None:
         logger.warning(
@@ -589,7 +629,9 @@ class Consumer:
         delivery up to T on the channel, so it is used only for tags below
         the lowest delivery that is still pending, running or not acked.
         """
-        if not results:
+        if len(results) < 2:
+            for delivery in results:
+                self._settle(session, delivery, delivery.outcome or Outcome.REJECT)
             return
         acks: list[Delivery] = []
         for delivery in results:
@@ -616,9 +658,9 @@ class Consumer:
             highest = max(delivery.delivery_tag for delivery in folded)
             session.channel.basic_ack(delivery_tag=highest, multiple=True)
             for delivery in folded:
-                session.unsettled.pop(delivery.delivery_tag, None)
+                del session.unsettled[delivery.delivery_tag]
                 self._observe_run_time(delivery.seconds)
-            self._metrics.in_flight.dec(len(folded))
+            self._settled += len(folded)
             self._metrics.processed.inc(len(folded))
 
     @staticmethod
@@ -626,23 +668,30 @@ class Consumer:
         return delivery.channel is session.channel and bool(delivery.channel.is_open)
 
     def _settle(self, session: Session, delivery: Delivery, outcome: Outcome) -> None:
+        """Ack or nack one delivery of the session's channel, or drop it if the channel closed.
+
+        The delivery leaves `session.unsettled` only once the ack or nack is
+        sent: if sending fails, the session's end finds and drops it.
+        """
         if not self._is_current(session, delivery):
+            del session.unsettled[delivery.delivery_tag]
             self._drop_result(delivery, outcome)
             return
-        session.unsettled.pop(delivery.delivery_tag, None)
         channel = delivery.channel
+        tag = delivery.delivery_tag
         # The metrics are counted after the ack or nack is sent, because at
         # prefetch 1 the broker sends the next message only after it.
         if outcome is Outcome.ACK:
-            channel.basic_ack(delivery_tag=delivery.delivery_tag)
+            channel.basic_ack(delivery_tag=tag)
             self._metrics.processed.inc()
         elif outcome is Outcome.REJECT:
-            channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=False)
+            channel.basic_nack(delivery_tag=tag, requeue=False)
             self._metrics.dead_lettered.inc()
         else:
-            channel.basic_nack(delivery_tag=delivery.delivery_tag, requeue=True)
+            channel.basic_nack(delivery_tag=tag, requeue=True)
             self._metrics.requeued.inc()
-        self._metrics.in_flight.dec()
+        del session.unsettled[tag]
+        self._settled += 1
         self._observe_run_time(delivery.seconds)
 
     def _observe_run_time(self, seconds: float | None) -> None:
@@ -651,9 +700,17 @@ class Consumer:
         if seconds is not None:
             self._metrics.processing_seconds.observe(seconds)
 
+    def _count_in_flight(self) -> int:
+        with self._dropped_lock:
+            return self._received - self._settled - self._dropped
+
+    def _count_dropped(self) -> None:
+        with self._dropped_lock:
+            self._dropped += 1
+
     def _drop_result(self, delivery: Delivery, outcome: Outcome | None = None) -> None:
         """Drop the result of a delivery whose channel has closed; the broker requeued it."""
-        self._metrics.in_flight.dec()
+        self._count_dropped()
         self._metrics.stale_settlements.inc()
         self._observe_run_time(delivery.seconds)
         logger.warning(
@@ -678,11 +735,9 @@ class Consumer:
             )
             self._metrics.failed.inc()
             return Outcome.REJECT, None
+        # Positional arguments, in field order, for the same reason as in _on_message.
         context = HandlerContext(
-            settings=self._settings,
-            delivery_tag=delivery.delivery_tag,
-            redelivered=delivery.redelivered,
-            message_id=delivery.message_id,
+            self._settings, delivery.delivery_tag, delivery.redelivered, delivery.message_id
         )
         started = time.monotonic()
         try:

@@ -80,32 +80,34 @@ class TaskSlots:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._in_use = 0
-        self._lock = threading.Lock()
+        # One token per free slot. A deque's append and pop are atomic, so
+        # taking and giving back a slot needs no lock.
+        self._free: deque[None] = deque([None] * limit)
 
     def try_take(self) -> bool:
-        with self._lock:
-            if self._in_use >= self._limit:
-                return False
-            self._in_use += 1
-            return True
+        try:
+            self._free.pop()
+        except IndexError:
+            return False
+        return True
 
     def give_back(self) -> None:
-        with self._lock:
-            self._in_use -= 1
+        self._free.append(None)
 
     @property
     def in_use(self) -> int:
-        return self._in_use
+        return self._limit - len(self._free)
 
 
 class Session:
     """What the threads share about one open connection and its channel.
 
-    `connection`, `channel`, `consumer_tag`, `next_consume_attempt` and
-    `unsettled` belong to whichever thread holds the connection. The
-    delivery lists below are guarded by a lock of their own, because a thread
-    that finishes a task changes them without holding the connection.
+    `connection`, `channel`, `consumer_tag`, `next_consume_attempt`,
+    `unsettled` and the pending deliveries belong to whichever thread holds
+    the connection, so the methods that take no lock are for that thread
+    alone. The results and each delivery's state after it starts are
+    guarded by a lock, because a thread that finishes a task changes them
+    without holding the connection.
     """
 
     def __init__(self, connection: Any, channel: Any) -> None:
@@ -113,7 +115,8 @@ class Session:
         self.channel = channel
         self.consumer_tag: str | None = None
         self.next_consume_attempt = 0.0
-        # Deliveries of this channel not yet acked or nacked, by delivery tag.
+        # Deliveries of this channel not yet acked or nacked, by delivery
+        # tag: pending, running, and finished but not settled.
         self.unsettled: dict[int, Delivery] = {}
         # Set when the threads must stop using the connection: the consumer
         # is stopping, or a pika call failed (then `error` records the failure).
@@ -121,62 +124,101 @@ class Session:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._pending: deque[Delivery] = deque()
-        self._running: set[Delivery] = set()
         self._results: list[Delivery] = []
         self._wake_scheduled = False
         self._ended = False
 
     def receive(self, delivery: Delivery) -> None:
-        """Record a delivery that no thread has started yet."""
-        with self._lock:
-            self._pending.append(delivery)
+        """Record a delivery that no thread has started yet; the caller holds the connection."""
+        self.unsettled[delivery.delivery_tag] = delivery
+        self._pending.append(delivery)
 
     def start_next(self, slots: TaskSlots) -> Delivery | None:
         """Take the oldest pending delivery for the calling thread to run.
 
-        Returns None when none is pending or no task slot is free; a
-        returned delivery holds a slot, which the caller gives back when the
-        task ends.
+        The caller holds the connection. Returns None when none is pending
+        or no task slot is free; a returned delivery holds a slot, which the
+        caller gives back when the task ends.
         """
-        with self._lock:
-            if not self._pending or not slots.try_take():
-                return None
-            delivery = self._pending.popleft()
-            delivery.state = DeliveryState.RUNNING
-            self._running.add(delivery)
-            return delivery
+        if not self._pending or not slots.try_take():
+            return None
+        delivery = self._pending.popleft()
+        # No lock: until this thread runs the task, no other thread looks
+        # at the delivery's state.
+        delivery.state = DeliveryState.RUNNING
+        return delivery
 
     def has_pending(self) -> bool:
-        """Return True if a delivery waits to start; a hint, read without the lock."""
+        """Return True if a delivery waits to start, read without the lock.
+
+        Exact for the thread that holds the connection, because only that
+        thread adds deliveries; a hint for any other thread.
+        """
         return bool(self._pending)
 
-    def complete(
-        self, delivery: Delivery, outcome: Outcome, seconds: float | None
-    ) -> Completion:
+    def has_results(self) -> bool:
+        """Return True if a result waits for settlement, read without the lock (a hint)."""
+        return bool(self._results)
+
+    def complete(self, delivery: Delivery, outcome: Outcome, seconds: float | None) -> Completion:
         """Record a finished task's outcome and run time; return what the caller does next."""
         with self._lock:
-            self._running.discard(delivery)
-            if delivery.state is DeliveryState.ABANDONED:
-                # Already requeued at shutdown: the broker owns the message again.
-                return Completion.ABANDONED
-            delivery.state = DeliveryState.DONE
-            delivery.outcome = outcome
-            delivery.seconds = seconds
-            if self._ended:
-                return Completion.SESSION_ENDED
-            self._results.append(delivery)
-            return Completion.RECORDED
+            completion = self._finish(delivery, outcome, seconds)
+            if completion is Completion.RECORDED:
+                self._results.append(delivery)
+            return completion
+
+    def complete_holding(
+        self, delivery: Delivery, outcome: Outcome, seconds: float | None
+    ) -> tuple[Completion, list[Delivery]]:
+        """Record a finished task for a caller that holds the connection.
+
+        When no delivery waits to start, a recorded result is returned at once
+        with every other result not yet settled, for the caller to settle.
+        Otherwise the list is empty: a recorded result then waits, so that the
+        caller starts the waiting deliveries first and their acks fold into one.
+        """
+        with self._lock:
+            completion = self._finish(delivery, outcome, seconds)
+            if completion is not Completion.RECORDED:
+                return completion, []
+            if self._pending:
+                self._results.append(delivery)
+                return completion, []
+            results, self._results = self._results, []
+            results.append(delivery)
+            return completion, results
+
+    def _finish(self, delivery: Delivery, outcome: Outcome, seconds: float | None) -> Completion:
+        if delivery.state is DeliveryState.ABANDONED:
+            # Already requeued at shutdown: the broker owns the message again.
+            return Completion.ABANDONED
+        delivery.state = DeliveryState.DONE
+        delivery.outcome = outcome
+        delivery.seconds = seconds
+        if self._ended:
+            return Completion.SESSION_ENDED
+        return Completion.RECORDED
 
     def end(self) -> list[Delivery]:
-        """Mark the session over once its connection is closed; return unsettled results.
+        """Mark the session over once its connection is closed; return what is left unsettled.
 
-        A task that completes later gets `Completion.SESSION_ENDED`: nothing
-        can settle it any more, and the broker has requeued its message.
+        The caller holds the connection. The returned deliveries are those no
+        task runs any more: results not settled yet, and those whose ack or
+        nack failed with the connection. A task that completes later gets
+        `Completion.SESSION_ENDED`. Nothing can settle any of them now, and
+        the broker has requeued their messages.
         """
         with self._lock:
             self._ended = True
-            results, self._results = self._results, []
-            return results
+            self._results = []
+            left = [
+                delivery
+                for delivery in self.unsettled.values()
+                if delivery.state is not DeliveryState.RUNNING
+            ]
+            self.unsettled.clear()
+            return left
 
     def take_results(self) -> list[Delivery]:
         """Remove and return the finished deliveries not yet settled."""
@@ -204,32 +246,44 @@ class Session:
             return results
 
     def abandon_pending(self) -> list[Delivery]:
-        """Mark the deliveries no thread has started as abandoned and return them."""
-        with self._lock:
-            abandoned = list(self._pending)
-            self._pending.clear()
-            for delivery in abandoned:
-                delivery.state = DeliveryState.ABANDONED
-            return abandoned
+        """Mark the deliveries no thread has started as abandoned and return them.
+
+        The caller holds the connection.
+        """
+        abandoned = list(self._pending)
+        self._pending.clear()
+        for delivery in abandoned:
+            delivery.state = DeliveryState.ABANDONED
+        return abandoned
 
     def abandon_running(self) -> list[Delivery]:
         """Mark the deliveries still in a handler as abandoned and return them.
 
-        Their handlers keep running (a thread cannot be stopped), but their
-        results are dropped.
+        The caller holds the connection. Their handlers keep running (a
+        thread cannot be stopped), but their results are dropped.
         """
         with self._lock:
-            abandoned = list(self._running)
-            self._running.clear()
+            abandoned = self._running_locked()
             for delivery in abandoned:
                 delivery.state = DeliveryState.ABANDONED
+                delivery.outcome = Outcome.REQUEUE
             return abandoned
 
     def busy_count(self) -> int:
-        """Return the number of deliveries pending, running or finished but not settled."""
-        with self._lock:
-            return len(self._pending) + len(self._running) + len(self._results)
+        """Return the number of deliveries pending, running or finished but not settled.
+
+        The caller holds the connection.
+        """
+        return len(self.unsettled)
 
     def running_count(self) -> int:
+        """Return the number of deliveries in a handler; the caller holds the connection."""
         with self._lock:
-            return len(self._running)
+            return len(self._running_locked())
+
+    def _running_locked(self) -> list[Delivery]:
+        return [
+            delivery
+            for delivery in self.unsettled.values()
+            if delivery.state is DeliveryState.RUNNING
+        ]

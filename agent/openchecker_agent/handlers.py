@@ -5,16 +5,18 @@ from __future__ import annotations
 import importlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import AgentSettings
 from .errors import ConfigError
 
 
-@dataclass(frozen=True)
-class HandlerContext:
-    """The settings and delivery identity a handler receives beside the message."""
+class HandlerContext(NamedTuple):
+    """The settings and delivery identity a handler receives beside the message.
+
+    A named tuple, not a frozen dataclass, because the consumer builds one
+    per message before the ack: a named tuple is built in a third of the time.
+    """
 
     settings: AgentSettings
     delivery_tag: int
@@ -25,6 +27,9 @@ class HandlerContext:
 # A handler returns normally when the task succeeded; any exception means the
 # task failed, and the message is dead-lettered.
 Handler = Callable[[Mapping[str, Any], HandlerContext], object]
+
+
+_DECODER = json.JSONDecoder()
 
 
 class UndecodableMessageError(ValueError):
@@ -38,7 +43,17 @@ def decode_message(body: bytes) -> dict[str, Any]:
     JSON object.
     """
     try:
-        message = json.loads(body.decode("utf-8"))
+        text = body.decode("utf-8")
+        # raw_decode skips json.loads's two whitespace searches, which take
+        # about half its time on a small message. A body it cannot take
+        # whole (whitespace around it, or invalid) goes through json.loads,
+        # which returns the same object or raises the usual error.
+        try:
+            message, end = _DECODER.raw_decode(text)
+        except ValueError:
+            end = -1
+        if end != len(text):
+            message = json.loads(text)
     except (ValueError, RecursionError) as error:
         # ValueError covers invalid UTF-8, invalid JSON and integers past
         # Python's digit limit; RecursionError, arrays or objects nested

@@ -106,7 +106,8 @@ def test_broker_closed_connection_redelivers_once(
     agents: list[AgentProcess], tmp_path: Path, broker: Broker, vhost: str
 ) -> None:
     records = tmp_path / "records.jsonl"
-    agent = run_agent(agents, tmp_path, broker, vhost)
+    port = free_port()
+    agent = run_agent(agents, tmp_path, broker, vhost, health_port=port)
     # The management API lists a new connection only after its next
     # statistics update, a few seconds later, so it is looked up first.
     names = wait_for(
@@ -125,6 +126,11 @@ def test_broker_closed_connection_redelivers_once(
         timeout_seconds=15,
         message=f"the redelivered message was not acked; agent log:\n{agent.log()}",
     )
+    # The first delivery's ack was dropped, not left in flight.
+    metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert "openchecker_agent_messages_in_flight 0.0" in metrics
+    assert "openchecker_agent_stale_settlements_total 1.0" in metrics
+    assert "openchecker_agent_messages_processed_total 1.0" in metrics
     assert agent.stop() == 0
     assert queue_counts(broker, vhost, QUEUE) == (0, 0)
     starts = [record for record in read_records(records) if record["event"] == "start"]

@@ -86,6 +86,10 @@ def test_completed_deliveries_wait_for_settlement() -> None:
         (1, Outcome.ACK),
         (2, Outcome.REJECT),
     ]
+    # Taken results count as busy until the consumer settles them.
+    assert session.busy_count() == 3
+    for item in results:
+        del session.unsettled[item.delivery_tag]
     assert session.busy_count() == 1
 
 
@@ -99,9 +103,11 @@ def test_abandoned_deliveries_never_report() -> None:
 
     assert [item.delivery_tag for item in pending] == [2]
     assert abandoned == [running]
+    assert running.outcome is Outcome.REQUEUE
+    assert session.running_count() == 0
     assert session.complete(running, Outcome.ACK, 0.1) is Completion.ABANDONED
+    assert running.outcome is Outcome.REQUEUE
     assert session.take_results() == []
-    assert session.busy_count() == 0
 
 
 def test_results_after_session_end_dropped() -> None:
@@ -114,6 +120,47 @@ def test_results_after_session_end_dropped() -> None:
     assert session.complete(late, Outcome.ACK, 0.1) is Completion.SESSION_ENDED
     assert late.outcome is Outcome.ACK
     assert session.take_results() == []
+
+
+def test_holder_settles_at_once_when_idle() -> None:
+    session = session_with(1, 2)
+    first, second = session.start_next(SLOTS), session.start_next(SLOTS)
+    assert first is not None and second is not None
+    session.complete(first, Outcome.ACK, 0.1)
+
+    completion, results = session.complete_holding(second, Outcome.REJECT, 0.1)
+
+    assert completion is Completion.RECORDED
+    assert results == [first, second]
+    assert session.take_results() == []
+
+
+def test_holder_defers_results_while_pending() -> None:
+    # With a delivery waiting to start, the holder starts it first and the
+    # result waits, so that acks fold into one.
+    session = session_with(1, 2)
+    first = session.start_next(SLOTS)
+    assert first is not None
+
+    completion, results = session.complete_holding(first, Outcome.ACK, 0.1)
+
+    assert completion is Completion.RECORDED
+    assert results == []
+    assert session.take_results() == [first]
+
+
+def test_session_end_returns_failed_settlements() -> None:
+    # A result taken for settlement stays unsettled until its ack is sent;
+    # if the connection fails first, the session's end returns it.
+    session = session_with(1, 2)
+    taken, running = session.start_next(SLOTS), session.start_next(SLOTS)
+    assert taken is not None and running is not None
+    session.complete(taken, Outcome.ACK, 0.1)
+    assert session.take_results() == [taken]
+
+    assert session.end() == [taken]
+    assert session.unsettled == {}
+    assert session.complete(running, Outcome.ACK, 0.1) is Completion.SESSION_ENDED
 
 
 def test_one_wakeup_outstanding_until_it_runs() -> None:
@@ -130,8 +177,9 @@ def test_one_wakeup_outstanding_until_it_runs() -> None:
     assert session.claim_wake()
 
 
-def test_decode_message_accepts_object() -> None:
-    assert decode_message(b'{"a": 1}') == {"a": 1}
+@pytest.mark.parametrize("body", [b'{"a": 1}', b' \r\n{"a": 1}\t\n', b'{"a": 1} '])
+def test_decode_message_accepts_object(body: bytes) -> None:
+    assert decode_message(body) == {"a": 1}
 
 
 @pytest.mark.parametrize(
@@ -141,6 +189,10 @@ def test_decode_message_accepts_object() -> None:
         b"[1, 2]",
         b"\xff\xfe",
         b'"text"',
+        # Anything but whitespace after the object.
+        b'{"a": 1} x',
+        b'{"a": 1}{"b": 2}',
+        b'{"a": 1}\x00',
         # Nested past the decoder's recursion limit: RecursionError.
         b"[" * 100_000,
         # An integer past Python's digit limit for int(): ValueError.
