@@ -10,7 +10,9 @@ does not count.
 The script prints messages per second of each, their ratio (target: 0.9 at
 prefetch 1), the thread context switches per message of each, what a thread
 wake-up costs here, and the resident memory and CPU use of an idle
-`openchecker-agent` process.
+`openchecker-agent` process. It also runs the bare consumer with a busy wait
+of 5 to 40 us before each ack, to show what a later ack costs: the agent's
+own work before the ack is such a delay.
 
 Broker: RABBITMQ_URL (amqp://user:password@host:port/vhost), or else the
 broker the tests use: the `make env-up` one when it runs, or a private node
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import queue
@@ -50,6 +53,8 @@ ROUND_TIMEOUT_SECONDS = 120.0
 IDLE_SECONDS = 3.0
 IDLE_CPU_SECONDS = 20.0
 TARGET_RATIO = 0.9
+# Busy waits added before the bare consumer's ack to show what a later ack costs.
+ACK_DELAYS_MICROSECONDS = (5, 10, 20, 40)
 
 
 def main() -> int:
@@ -76,6 +81,12 @@ def main() -> int:
                 flush=True,
             )
         print(f"ratio at prefetch 1: {ratios[1]:.2f} (target {TARGET_RATIO})", flush=True)
+        delays = _ack_delay_cost(url, arguments.messages, arguments.rounds)
+        print(
+            "bare pika with a busy wait before each ack, at prefetch 1: "
+            + ", ".join(f"{delay} us: ratio {ratio:.2f}" for delay, ratio in delays.items()),
+            flush=True,
+        )
         print(
             f"a thread wake-up round trip, which no message pays here "
             f"(pure Python, no broker): {_handoff_round_trip_microseconds():.1f} us",
@@ -234,8 +245,31 @@ def _context_switches() -> int:
     return total
 
 
-def _consume_bare(url: str, queue: str, prefetch: int, stopwatch: Stopwatch) -> None:
+def _ack_delay_cost(url: str, count: int, rounds: int) -> dict[int, float]:
+    """Return the median ratio of bare pika with a busy wait before each ack, by wait in us.
+
+    This shows what a delay between receiving a message and acking it costs
+    at prefetch 1 on this machine and broker, the delay the agent's own
+    work adds.
+    """
+    plain: list[float] = []
+    delayed: dict[int, list[float]] = {delay: [] for delay in ACK_DELAYS_MICROSECONDS}
+    for _ in range(rounds):
+        plain.append(_run_round(url, 1, count, _consume_bare)[0])
+        for delay, rates in delayed.items():
+            consume = functools.partial(_consume_bare, ack_delay_microseconds=delay)
+            rates.append(_run_round(url, 1, count, consume)[0])
+    return {
+        delay: statistics.median(rate / base for rate, base in zip(rates, plain, strict=True))
+        for delay, rates in delayed.items()
+    }
+
+
+def _consume_bare(
+    url: str, queue: str, prefetch: int, stopwatch: Stopwatch, ack_delay_microseconds: int = 0
+) -> None:
     connection = pika.BlockingConnection(_parameters(url))
+    delay_seconds = ack_delay_microseconds / 1e6
     try:
         channel = connection.channel()
         channel.basic_qos(prefetch_count=prefetch)
@@ -244,6 +278,12 @@ def _consume_bare(url: str, queue: str, prefetch: int, stopwatch: Stopwatch) -> 
             channel: Any, method: Any, _properties: pika.BasicProperties, _body: bytes
         ) -> None:
             stopwatch.message()
+            if delay_seconds:
+                # A busy wait, not a sleep: the thread stays on its core, as
+                # the agent's own work before the ack does.
+                until = time.perf_counter() + delay_seconds
+                while time.perf_counter() < until:
+                    pass
             channel.basic_ack(method.delivery_tag)
 
         channel.basic_consume(queue, on_message)
