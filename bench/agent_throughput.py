@@ -10,7 +10,8 @@ does not count.
 The script prints messages per second of each, their ratio (target: 0.9 at
 prefetch 1), the thread context switches per message of each, what a thread
 wake-up costs here, and the resident memory and CPU use of an idle
-`openchecker-agent` process. It also runs the bare consumer with a busy wait
+`openchecker-agent` process. It compares the two at prefetch 1 with 20 ms
+tasks as well. It also runs the bare consumer with a busy wait
 of 5 to 40 us before each ack, to show what a later ack costs: the agent's
 own work before the ack is such a delay.
 
@@ -53,6 +54,10 @@ ROUND_TIMEOUT_SECONDS = 120.0
 IDLE_SECONDS = 3.0
 IDLE_CPU_SECONDS = 20.0
 TARGET_RATIO = 0.9
+# Tasks a few times shorter than the agent's 50 ms check for a long task:
+# the agent must run them without waiting on that check.
+SHORT_TASK_SECONDS = 0.02
+SHORT_TASK_MESSAGES = 100
 # Busy waits added before the bare consumer's ack to show what a later ack costs.
 ACK_DELAYS_MICROSECONDS = (5, 10, 20, 40)
 
@@ -81,6 +86,16 @@ def main() -> int:
                 flush=True,
             )
         print(f"ratio at prefetch 1: {ratios[1]:.2f} (target {TARGET_RATIO})", flush=True)
+        bare, agent, round_ratios = _compare(
+            url, 1, SHORT_TASK_MESSAGES, arguments.rounds, task_seconds=SHORT_TASK_SECONDS
+        )
+        print(
+            f"prefetch  1, {SHORT_TASK_SECONDS * 1000:.0f} ms tasks: bare pika "
+            f"{bare.rate:.1f} msg/s, agent {agent.rate:.1f} msg/s, ratio "
+            f"{statistics.median(round_ratios):.2f} "
+            f"(rounds {min(round_ratios):.2f}-{max(round_ratios):.2f})",
+            flush=True,
+        )
         delays = _ack_delay_cost(url, arguments.messages, arguments.rounds)
         print(
             "bare pika with a busy wait before each ack, at prefetch 1: "
@@ -149,14 +164,14 @@ class Measured:
 
 
 def _compare(
-    url: str, prefetch: int, count: int, rounds: int
+    url: str, prefetch: int, count: int, rounds: int, task_seconds: float = 0.0
 ) -> tuple[Measured, Measured, list[float]]:
     """Return both consumers' medians and the agent's ratio in each round."""
     bare: list[tuple[float, float]] = []
     agent: list[tuple[float, float]] = []
     for _ in range(rounds):
-        bare.append(_run_round(url, prefetch, count, _consume_bare))
-        agent.append(_run_round(url, prefetch, count, _consume_with_agent))
+        bare.append(_run_round(url, prefetch, count, _consume_bare, task_seconds))
+        agent.append(_run_round(url, prefetch, count, _consume_with_agent, task_seconds))
     ratios = [mine[0] / theirs[0] for mine, theirs in zip(agent, bare, strict=True)]
     return Measured.of(bare), Measured.of(agent), ratios
 
@@ -166,6 +181,7 @@ def _run_round(
     prefetch: int,
     count: int,
     consume: Callable[[str, str, int, Stopwatch], None],
+    task_seconds: float = 0.0,
 ) -> tuple[float, float]:
     """Return messages per second and thread context switches per message."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
@@ -179,7 +195,7 @@ def _run_round(
         # A passive declare returns only after the broker has taken every
         # publish above, so the consumer starts with a full queue.
         channel.queue_declare(queue, passive=True)
-        stopwatch = Stopwatch(count)
+        stopwatch = Stopwatch(count, task_seconds)
         consume(url, queue, prefetch, stopwatch)
         channel.queue_delete(queue)
     finally:
@@ -201,8 +217,9 @@ class Stopwatch:
     consumers the same.
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, task_seconds: float = 0.0) -> None:
         self.count = count
+        self.task_seconds = task_seconds
         self.received = 0
         self.done = threading.Event()
         self._lock = threading.Lock()
@@ -222,6 +239,12 @@ class Stopwatch:
                 self._last = time.perf_counter()
                 self._switches_at_last = _context_switches()
                 self.done.set()
+
+    def handle(self) -> None:
+        """Count one message, then sleep for the round's task time, as a handler would."""
+        self.message()
+        if self.task_seconds:
+            time.sleep(self.task_seconds)
 
     def rate(self) -> float:
         return (self.count - 1) / (self._last - self._first)
@@ -277,7 +300,7 @@ def _consume_bare(
         def on_message(
             channel: Any, method: Any, _properties: pika.BasicProperties, _body: bytes
         ) -> None:
-            stopwatch.message()
+            stopwatch.handle()
             if delay_seconds:
                 # A busy wait, not a sleep: the thread stays on its core, as
                 # the agent's own work before the ack does.
@@ -296,7 +319,7 @@ def _consume_bare(
 
 def _consume_with_agent(url: str, queue: str, prefetch: int, stopwatch: Stopwatch) -> None:
     def handle(_message: Mapping[str, Any], _context: HandlerContext) -> None:
-        stopwatch.message()
+        stopwatch.handle()
 
     consumer = Consumer(_agent_settings(url, queue, prefetch), handle, AgentMetrics())
     thread = threading.Thread(target=consumer.run, name="bench-agent", daemon=True)

@@ -62,8 +62,10 @@ VACANCY_CHECK_SECONDS = 0.05
 # How long the connection's holder waits on the socket while a task runs
 # inside pika's delivery callback. Until that task's thread takes the
 # connection back, pika dispatches no callback, so nothing can end the wait
-# earlier. This bounds the delay before the ack of a task that outlasted
+# earlier. The first wait is short and each next one twice as long, up to
+# the maximum: this bounds the delay before the ack of a task that outlasted
 # VACANCY_CHECK_SECONDS.
+HANDBACK_FIRST_CHECK_SECONDS = 0.005
 HANDBACK_CHECK_SECONDS = 0.05
 
 # Errors that end a connection's session; the supervisor decides whether to reconnect.
@@ -317,7 +319,11 @@ class Consumer:
             if not session.busy_count() or remaining <= 0:
                 break
             self._check_channel(session)
-            session.connection.process_data_events(time_limit=min(SOCKET_WAIT_SECONDS, remaining))
+            wait_seconds = min(SOCKET_WAIT_SECONDS, remaining)
+            if self._tasks_in_callbacks:
+                # Only the time limit ends this wait (see HANDBACK_CHECK_SECONDS).
+                wait_seconds = min(wait_seconds, HANDBACK_CHECK_SECONDS)
+            session.connection.process_data_events(time_limit=wait_seconds)
         for delivery in session.abandon_running():
             logger.warning(
                 "Requeued delivery tag %d: its task did not finish within the drain "
@@ -401,6 +407,11 @@ class Consumer:
         When the holder has not left the connection since the last check,
         the queue is quiet: the next in line stops checking (it parks) until
         a thread leaves the connection, so an idle agent wakes no thread.
+
+        A task that runs inside a callback is taken over only once it has
+        run through a whole check. Most such tasks are short, and a thread
+        that took over would keep the task's thread waiting to return into
+        pika (see HANDBACK_CHECK_SECONDS).
         """
         with self._line:
             while self._next_in_line_waiting:
@@ -411,22 +422,32 @@ class Consumer:
             try:
                 departures_seen = self._departures
                 park = False
+                # Whether any vacancy is older than the last check.
+                vacancy_checked = not self._tasks_in_callbacks
                 while not (self._stop.is_set() or session.closing.is_set()):
-                    if self._try_take_turn():
+                    if (vacancy_checked or not self._tasks_in_callbacks) and self._try_take_turn():
                         return True
                     if park:
                         self._next_in_line_parked = True
                         # Looked at again after announcing the park, because
                         # a thread leaving the connection reads the flag
-                        # without the lock (see _leave_connection).
-                        if self._try_take_turn():
+                        # without the lock (see _leave_connection). A thread
+                        # that left for a task inside a callback counts that
+                        # task before it leaves: such a vacancy is fresh, so
+                        # it is neither taken nor parked on.
+                        if self._tasks_in_callbacks:
+                            self._next_in_line_parked = False
+                            self._front.wait(VACANCY_CHECK_SECONDS)
+                        elif self._try_take_turn():
                             self._next_in_line_parked = False
                             return True
-                        self._front.wait()
-                        self._next_in_line_parked = False
+                        else:
+                            self._front.wait()
+                            self._next_in_line_parked = False
                     else:
                         self._front.wait(VACANCY_CHECK_SECONDS)
                     park = self._departures == departures_seen
+                    vacancy_checked = park
                     departures_seen = self._departures
                 return False
             finally:
@@ -473,6 +494,7 @@ class Consumer:
         when no delivery waits to start, that is right before waiting on the
         socket: the acks of a batch of short tasks then fold into one.
         """
+        handback_check = HANDBACK_FIRST_CHECK_SECONDS
         try:
             self._settle_batch(session, finished)
             while True:
@@ -492,7 +514,8 @@ class Consumer:
                 self._check_channel(session)
                 wait_seconds = self._ensure_consuming(session)
                 if self._tasks_in_callbacks:
-                    wait_seconds = min(wait_seconds, HANDBACK_CHECK_SECONDS)
+                    wait_seconds = min(wait_seconds, handback_check)
+                    handback_check = min(2 * handback_check, HANDBACK_CHECK_SECONDS)
                 session.connection.process_data_events(time_limit=wait_seconds)
         except (*SESSION_ERRORS, ChannelLostError, FatalBrokerError) as error:
             self._fail(session, error)
@@ -678,6 +701,9 @@ class Consumer:
         where no other delivery can arrive meanwhile. Before returning into
         pika the thread takes the connection back, waiting for it if needed.
         """
+        # NOTE: a consumer cancel sent by the broker during the task is
+        # dispatched only after this callback returns, so until the task ends
+        # is_consuming (and /readyz) still reports a consumer.
         self._tasks_in_callbacks += 1
         self._leave_connection(session)
         # The outcome if _execute fails with a defect of the agent itself.
