@@ -422,8 +422,9 @@ class Consumer:
             try:
                 departures_seen = self._departures
                 park = False
-                # Whether any vacancy is older than the last check.
-                vacancy_checked = not self._tasks_in_callbacks
+                # True once no thread has left the connection since the
+                # previous check, so a free connection has been free as long.
+                vacancy_checked = False
                 while not (self._stop.is_set() or session.closing.is_set()):
                     if (vacancy_checked or not self._tasks_in_callbacks) and self._try_take_turn():
                         return True
@@ -472,8 +473,8 @@ class Consumer:
         safe because the GIL runs these steps in order: the next in line sets
         `_next_in_line_parked` and then tries the connection once more before
         it waits, and this thread releases the connection and then reads the
-        flag. So either that last try succeeds, or this read sees the flag
-        and the notify below, which waits for the lock, finds it waiting.
+        flag. So either that last try succeeds, or this read finds the flag
+        set, and the notify below, which waits for the lock, reaches it.
         """
         self._connection_turn.release()
         # Without the lock, two threads leaving at once may count one
@@ -731,7 +732,8 @@ class Consumer:
             return session.complete_holding(delivery, outcome, seconds)
         # Another thread serves the connection, or the supervisor drains or
         # closes it. The result is recorded first, so that thread may settle
-        # it, and the holder gives the connection back when it sees the wait.
+        # it. A holder in _lead gives the connection back once it finds this
+        # thread waiting; the supervisor releases it when it is done.
         completion = session.complete(delivery, outcome, seconds)
         with self._line:
             self._handbacks_waiting += 1

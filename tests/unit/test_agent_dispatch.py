@@ -150,15 +150,15 @@ def test_holder_defers_results_while_pending() -> None:
 
 
 def test_session_end_returns_failed_settlements() -> None:
-    # A result taken for settlement stays unsettled until its ack is sent;
-    # if the connection fails first, the session's end returns it.
+    # A result taken for settlement stays unsettled until its ack is sent.
+    # If the connection fails first, the session's end returns it.
     session = session_with(1, 2)
-    taken, running = session.start_next(SLOTS), session.start_next(SLOTS)
-    assert taken is not None and running is not None
-    session.complete(taken, Outcome.ACK, 0.1)
-    assert session.take_results() == [taken]
+    unacked, running = session.start_next(SLOTS), session.start_next(SLOTS)
+    assert unacked is not None and running is not None
+    session.complete(unacked, Outcome.ACK, 0.1)
+    assert session.take_results() == [unacked]
 
-    assert session.end() == [taken]
+    assert session.end() == [unacked]
     assert session.unsettled == {}
     assert session.complete(running, Outcome.ACK, 0.1) is Completion.SESSION_ENDED
 
